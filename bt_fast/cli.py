@@ -1,0 +1,62 @@
+"""The ``bt-fast`` command (also ``python -m bt_fast``).
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; only the chosen module is imported, so ``bt-fast --help`` is fast.
+A bad invocation or config exits 2 with one line; a failed run exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("bt_fast.train", "pretrain with Barlow Twins: bt-fast train --config PATH [--set k=v ...]"),
+    "eval": ("bt_fast.eval", "evaluate a checkpoint: bt-fast eval {knn,linear,semi} --checkpoint PATH"),
+    "data": ("bt_fast.data", "prepare or validate data: bt-fast data {fashion-mnist,synthetic,check}"),
+    "bench": ("bt_fast.bench", "side-by-side benchmarks: bt-fast bench {pipeline,loss,step} [--json]"),
+    "tune": ("bt_fast.tune", "probe throughput knobs, write the best as a config overlay"),
+    "report": ("bt_fast.report", "plots from a run folder: bt-fast report RUN_DIR"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bt-fast", description="Barlow Twins at hardware speed.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = _parser()
+        if argv and not argv[0].startswith("-"):
+            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"bt-fast {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    from bt_fast.config import ConfigError
+
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as e:
+        print(f"bt-fast {name}: config error: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:
+        print(f"bt-fast {name}: {e}", file=sys.stderr)
+        return 2
+
+
+class UsageError(Exception):
+    """Bad input the user can fix (missing folder, bad flag combination): exit 2, one line."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

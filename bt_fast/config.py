@@ -1,0 +1,300 @@
+"""Typed run configuration: nested dataclasses, mirrored section for section by YAML.
+
+Precedence: ``--set section.key=value`` > YAML file > the defaults below.
+Unknown keys, wrong types and duplicate YAML keys fail with ``ConfigError`` naming the
+file and the key (the CLI turns it into exit code 2). The resolved config is written to
+``RUN_DIR/config.yaml`` and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+
+from bt_fast.pipelines.spec import ViewSpec
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file and key in the message."""
+
+
+@dataclass
+class DataConfig:
+    train_dir: str = "data/fashion-mnist/train"
+    """ImageFolder root of the pretraining images (``class/xxx.jpg``)."""
+    val_dir: str = "data/fashion-mnist/val"
+    """ImageFolder root of the held-out images (evaluation)."""
+    image_size: int = 224
+    """Default view side in pixels; a view with size 0 in ``views`` takes this."""
+    batch_size: int = 256
+    """GLOBAL batch size (all ranks); each rank reads batch_size / world_size."""
+    num_threads: int = 2
+    """DALI CPU worker threads per rank."""
+    prefetch: int = 2
+    """DALI prefetch queue depth (batches)."""
+    device: str = "auto"
+    """Where DALI decodes and augments: auto | cpu | gpu (auto = gpu if CUDA)."""
+    reader: str = "folder"
+    """folder (ImageFolder + validated file list) | webdataset (tar shards)."""
+    webdataset: List[str] = field(default_factory=list)
+    """Tar shard paths when reader = webdataset."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    """torchvision ResNet: resnet18 | resnet34 | resnet50 | ..."""
+    width: int = 64
+    """Channels of the first stage (64 = torchvision's ResNet); smaller is cheaper."""
+    projector: str = "8192-8192-8192"
+    """Projector widths, dash separated; the last is the embedding size D."""
+    small_stem: bool = False
+    """3x3 stride-1 stem without max-pool, for 28-64 px images."""
+    sync_bn: bool = True
+    """Convert BatchNorm to SyncBatchNorm when distributed."""
+
+
+@dataclass
+class LossConfig:
+    lambd: float = 0.0051
+    """Weight of the off-diagonal (redundancy-reduction) term."""
+    eps: float = 1e-5
+    """Inside the sqrt of the per-feature batch variance."""
+    impl: str = "auto"
+    """reference | dense | gram | auto (see bt_fast.kernels)."""
+
+
+@dataclass
+class OptimConfig:
+    lr_weights: float = 0.2
+    """Peak LR of weights, per 256 images of global batch (official convention)."""
+    lr_biases: float = 0.0048
+    """Peak LR of biases and BN parameters, per 256 images of global batch."""
+    weight_decay: float = 1e-6
+    """As in the official code (the paper says 1.5e-6)."""
+    momentum: float = 0.9
+    """LARS momentum."""
+    eta: float = 0.001
+    """LARS trust coefficient."""
+    warmup_epochs: float = 10.0
+    """Linear warm-up length in epochs."""
+    epochs: float = 1000.0
+    """Schedule length in epochs (cosine to 0.001x of peak at the end)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0
+    """Stop after this many steps (0 = run the whole schedule)."""
+    precision: str = "bf16"
+    """fp32 | bf16 | fp16 (fp16 uses a GradScaler)."""
+    channels_last: bool = True
+    """Run the backbone in channels-last memory format."""
+    compile: bool = False
+    """torch.compile the model."""
+    seed: int = 0
+    """Seeds torch and DALI (DALI seed = seed + rank)."""
+    log_every: int = 10
+    """Steps between metric logs (the only host<->device sync points)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (0 = only at the end)."""
+    run_dir: str = "runs/default"
+    """Folder for config.yaml, metrics.jsonl and checkpoints/."""
+
+
+@dataclass
+class DistConfig:
+    bucket_cap_mb: int = 25
+    """DDP gradient bucket size."""
+    grad_compression: str = "none"
+    """none | bf16 (DDP communication hook)."""
+    static_graph: bool = True
+    """DDP static_graph (valid: the graph is the same every step)."""
+
+
+@dataclass
+class MetricsConfig:
+    prometheus: bool = False
+    """Serve Prometheus metrics from every rank."""
+    port: int = 9400
+    """Rank r serves on port + local_rank."""
+    host: str = "127.0.0.1"
+    """Bind address of the exporter."""
+
+
+def _default_views() -> List[ViewSpec]:
+    # Official Barlow Twins recipe (facebookresearch/barlowtwins, main.py: Transform).
+    return [ViewSpec(blur_p=1.0, solarize_p=0.0), ViewSpec(blur_p=0.1, solarize_p=0.2)]
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    views: List[ViewSpec] = field(default_factory=_default_views)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ---------------------------------------------------------------- YAML loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                              f"(first at line {seen[key]})")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (tuple, typing.Tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            dym = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{dym}; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def from_dict(values: dict, source: str = "<dict>") -> Config:
+    """Build a Config from plain data; errors name ``source`` and the key."""
+    try:
+        return _build(Config, values or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain-data form (tuples as lists) for YAML and checkpoints."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: cannot parse value: {e}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to plain data."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = values
+        for part in path[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
+    return values
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.load(path.read_text(), Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return values or {}
+
+
+def load(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
+    """Defaults < YAML file < overrides. Raises ConfigError naming file and key."""
+    values = read_yaml(path) if path else {}
+    if overrides:
+        base = to_dict(from_dict(values, str(path or "<defaults>")))
+        values = apply_overrides(base, list(overrides))
+    return from_dict(values, f"{path or '<defaults>'}{' + --set' if overrides else ''}")
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""One small file per SSL objective and its view preset."""
