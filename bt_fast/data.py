@@ -1,0 +1,234 @@
+"""Dataset preparation: ``bt-fast data {fashion-mnist,synthetic,check}``.
+
+Every dataset bt_fast reads is an ImageFolder (``ROOT/<class>/<file>.jpg``) plus a
+validated file list ``ROOT/filelist.txt`` ("relative/path label" per line, labels are
+the sorted class-folder indices) and ``ROOT/classes.txt``. The DALI reader reads the
+list, never the folder: a corrupt JPEG is a fatal pipeline error that cannot be skipped
+mid-epoch (NVIDIA/DALI#3913), so ``check`` decodes every file first and lists only the
+good ones.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FILELIST, CLASSES = "filelist.txt", "classes.txt"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+FMNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
+                  "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+# Where the Debian package dataset-fashion-mnist puts the four idx files.
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message names the path."""
+
+
+# ------------------------------------------------------------------ file lists
+
+
+def write_file_list(root: Path, entries: list[tuple[str, int]], classes: list[str]) -> None:
+    """Atomically write ROOT/filelist.txt and ROOT/classes.txt."""
+    for name, text in ((FILELIST, "".join(f"{p} {y}\n" for p, y in entries)),
+                       (CLASSES, "".join(f"{c}\n" for c in classes))):
+        tmp = root / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, root / name)
+
+
+def read_file_list(root: str | Path) -> tuple[list[str], list[int], list[str]]:
+    """(relative paths, labels, class names) of a checked ImageFolder root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    if not (root / FILELIST).is_file():
+        raise DataError(f"{root}: no {FILELIST}; run `bt-fast data check {root}` first")
+    paths, labels = [], []
+    for line in (root / FILELIST).read_text().splitlines():
+        path, label = line.rsplit(" ", 1)
+        paths.append(path)
+        labels.append(int(label))
+    classes = (root / CLASSES).read_text().split() if (root / CLASSES).is_file() else []
+    return paths, labels, classes
+
+
+def _scan(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
+    entries = []
+    for y, c in enumerate(classes):
+        for f in sorted((root / c).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                entries.append((str(f.relative_to(root)), y))
+    return entries, classes
+
+
+def _is_valid_image(path: Path) -> str | None:
+    """None if the file fully decodes, else the reason."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            im.load()  # full decode: catches truncated files that verify() misses
+        return None
+    except Exception as e:  # PIL raises many types for bad data
+        return f"{type(e).__name__}: {e}"
+
+
+def check_folder(root: Path, out=sys.stdout) -> int:
+    """Decode every image under an ImageFolder root; write the good list; count bad."""
+    entries, classes = _scan(root)
+    good, bad = [], 0
+    for i, (rel, y) in enumerate(entries):
+        reason = _is_valid_image(root / rel)
+        if reason is None:
+            good.append((rel, y))
+        else:
+            bad += 1
+            print(f"bad image: {root / rel}: {reason}", file=out)
+        if (i + 1) % 5000 == 0:
+            print(f"  checked {i + 1}/{len(entries)} in {root}", file=sys.stderr)
+    write_file_list(root, good, classes)
+    print(f"{root}: {len(good)} good, {bad} bad, {len(classes)} classes -> {root / FILELIST}", file=out)
+    return bad
+
+
+def check(path: str | Path, out=sys.stdout) -> int:
+    """Check ROOT, or ROOT/train and ROOT/val when present. Returns the bad count."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: data folder not found")
+    splits = [path / s for s in ("train", "val") if (path / s).is_dir()]
+    return sum(check_folder(r, out) for r in (splits or [path]))
+
+
+# ------------------------------------------------------------------ Fashion-MNIST
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    _, dtype, ndim = struct.unpack(">HBB", data[:4])
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fmnist_arrays(cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    names = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    if all((FMNIST_SYSTEM_DIR / n).is_file() for pair in names.values() for n in pair):
+        src = FMNIST_SYSTEM_DIR
+    else:
+        try:  # fall back to torchvision's downloader
+            from torchvision.datasets import FashionMNIST
+
+            for train in (True, False):
+                FashionMNIST(str(cache), train=train, download=True)
+            src = cache / "FashionMNIST" / "raw"
+        except Exception as e:
+            raise DataError(
+                "Fashion-MNIST not found: install the Debian package dataset-fashion-mnist "
+                f"(make setup does, as root) or allow torchvision to download it ({e})") from None
+    return {split: (_read_idx(src / x), _read_idx(src / y)) for split, (x, y) in names.items()}
+
+
+def _write_split(root: Path, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        rel = f"{classes[y]}/{i:05d}.jpg"
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)  # RGB JPEGs, as the recipe expects
+        Image.fromarray(img).save(root / rel, quality=95)
+        entries.append((rel, int(y)))
+        if (i + 1) % 10000 == 0:
+            print(f"  wrote {i + 1}/{len(labels)} images to {root}", file=sys.stderr)
+    write_file_list(root, entries, classes)
+
+
+def prepare_fashion_mnist(out: str | Path) -> Path:
+    """Write OUT/train (60,000) and OUT/val (10,000) RGB JPEGs with file lists."""
+    out = Path(out)
+    if all((out / s / FILELIST).is_file() for s in ("train", "val")):
+        print(f"{out}: Fashion-MNIST already prepared", file=sys.stderr)
+        return out
+    arrays = _fmnist_arrays(out / ".download")
+    for split, (x, y) in arrays.items():
+        _write_split(out / split, x, y, FMNIST_CLASSES)
+    print(f"{out}: Fashion-MNIST ready ({len(arrays['train'][1])} train, "
+          f"{len(arrays['val'][1])} val)", file=sys.stderr)
+    return out
+
+
+# ------------------------------------------------------------------ synthetic
+
+
+def synthetic_image(rng: np.random.Generator, label: int, size: tuple[int, int]) -> np.ndarray:
+    """A textured HxWx3 uint8 image whose colour and stripe frequency depend on label."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    freq = 0.05 + 0.04 * label
+    base = np.array([(37 * label) % 256, (91 * label + 40) % 256, (153 * label + 80) % 256], np.float32)
+    stripes = 60 * np.sin(freq * (xx + rng.uniform(0, 50)) + 0.3 * yy)[..., None]
+    noise = rng.normal(0, 12, (h, w, 3))
+    return np.clip(base + stripes + noise, 0, 255).astype(np.uint8)
+
+
+def make_synthetic(out: str | Path, *, classes: int = 4, train_per_class: int = 16,
+                   val_per_class: int = 4, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+    """A small labelled JPEG ImageFolder (OUT/train, OUT/val) with file lists, for tests."""
+    out, rng = Path(out), np.random.default_rng(seed)
+    names = [f"class{c}" for c in range(classes)]
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        entries = []
+        for y, name in enumerate(names):
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                rel = f"{name}/{i:04d}.jpg"
+                Image.fromarray(synthetic_image(rng, y, size)).save(out / split / rel, quality=90)
+                entries.append((rel, y))
+        write_file_list(out / split, entries, names)
+    return out
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{fashion-mnist,synthetic,check}")
+    p = sub.add_parser("fashion-mnist", help="write Fashion-MNIST as an RGB JPEG ImageFolder")
+    p.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
+    p = sub.add_parser("synthetic", help="write a small labelled JPEG set for tests")
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--size", type=int, nargs=2, default=(48, 40), metavar=("W", "H"))
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("check", help="decode every image, name the bad ones, write the file list")
+    p.add_argument("dir", help="ImageFolder root, or a folder with train/ and val/")
+
+
+def run(args) -> int:
+    try:
+        if args.what == "fashion-mnist":
+            prepare_fashion_mnist(args.out)
+        elif args.what == "synthetic":
+            make_synthetic(args.out, classes=args.classes, train_per_class=args.per_class,
+                           val_per_class=max(1, args.per_class // 4), size=tuple(args.size), seed=args.seed)
+            print(f"{args.out}: synthetic dataset ready")
+        else:
+            bad = check(args.dir)
+            return 1 if bad else 0
+    except DataError as e:
+        print(f"bt-fast data: {e}", file=sys.stderr)
+        return 2
+    return 0
