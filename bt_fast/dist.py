@@ -2,15 +2,31 @@
 
 Without torchrun (no WORLD_SIZE in the environment) this is a world of one and no
 process group is created, so single-process runs need no launcher.
+
+What lives here, in the order a training run meets it:
+
+- ``init`` / ``close``: join and leave torchrun's process group (nccl on GPUs, gloo on
+  CPUs) and pick the device.
+- ``convert_sync_bn``: BatchNorm -> SyncBatchNorm so every BN layer normalizes with
+  the statistics of the GLOBAL batch (the official recipe). PyTorch's SyncBatchNorm is
+  GPU-only; on the CPU the same math runs in ``CpuSyncBatchNorm`` (gloo), which is what
+  the two-process tests exercise.
+- ``wrap_ddp``: DistributedDataParallel with the knobs that decide step time on a
+  cluster: bucket size, ``gradient_as_bucket_view``, ``static_graph``, and an optional
+  bf16 compression hook (the 8192-8192-8192 projector alone is ~151 M parameters, i.e.
+  ~0.6 GB of fp32 gradients per step; bf16 halves the bytes on the wire).
+- ``StopFlag``: SIGTERM on any rank -> every rank stops after the same step.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -58,3 +74,170 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# ------------------------------------------------------------------ SyncBatchNorm
+
+
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch, for CPU tensors (torch's SyncBatchNorm is GPU-only).
+
+    Per channel, each rank contributes [sum x, sum x^2, count]; one autograd-aware
+    all-reduce (its backward all-reduces the gradient, as torch's SyncBatchNorm does)
+    gives the global mean and biased variance. Running stats use the unbiased variance,
+    like ``F.batch_norm``. Cost: one all-reduce of 2C+1 floats per layer per forward.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, x.dim()))  # every dim but channels
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([x.numel() / x.size(1)], dtype=torch.float32, device=x.device)
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])  # [2C + 1]
+        stats = all_reduce(stats, op=dist.ReduceOp.SUM)
+        c = x.size(1)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BN normalizes
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * n / (n - 1).clamp_min(1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
+        new = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum,
+                               module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _convert_cpu(child))
+    return module
+
+
+def convert_sync_bn(model: nn.Module, env: Env, enabled: bool = True) -> nn.Module:
+    """BatchNorm -> global-batch BatchNorm when distributed (model.sync_bn); else unchanged.
+
+    Call before ``wrap_ddp`` and before building the optimizer (modules are replaced).
+    """
+    if not (enabled and env.distributed):
+        return model
+    if env.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert_cpu(model)
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def wrap_ddp(model: nn.Module, cfg, env: Env) -> nn.Module:
+    """DistributedDataParallel tuned by ``cfg`` (a ``DistConfig``); the model itself alone.
+
+    - ``bucket_cap_mb``: gradients are all-reduced in buckets of this size while
+      backward still runs; bigger buckets mean fewer, larger messages (better on
+      slow inter-node links), smaller ones start communicating earlier.
+    - ``gradient_as_bucket_view=True``: ``.grad`` tensors are views into the buckets,
+      which saves one gradient-sized copy and that much memory (~0.6 GB for the
+      ResNet-50 + projector).
+    - ``static_graph``: the same parameters are used every step, so DDP may skip
+      the unused-parameter search and overlap more.
+    - ``grad_compression="bf16"``: buckets travel as bf16 and are cast back (mean over
+      ranks, like the default hook); halves the traffic at ~3 significant digits.
+    """
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cuda = env.device.type == "cuda"
+    ddp = DDP(
+        model,
+        device_ids=[env.device.index] if cuda else None,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+        gradient_as_bucket_view=True,
+        static_graph=cfg.static_graph,
+        broadcast_buffers=False,  # BN buffers: synced BN keeps them equal anyway
+    )
+    if cfg.grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif cfg.grad_compression != "none":
+        raise ValueError(f"dist.grad_compression={cfg.grad_compression!r}: use none | bf16")
+    return ddp
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP (and torch.compile), e.g. for state_dict."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+# ------------------------------------------------------------------ graceful stop
+
+
+class StopFlag:
+    """SIGTERM (or SIGINT) on any rank -> every rank stops after the same step.
+
+    The handler only sets a local flag. ``should_stop()`` is called once per step by
+    every rank; it all-reduces (MAX) a one-int CPU tensor over a gloo group, so no rank
+    can leave the loop before the others. On GPU clusters the side group keeps this off
+    the CUDA stream (no device sync). The reduce is started asynchronously at step k and
+    read at step k+1, so its round trip overlaps the step; all ranks therefore stop at
+    the end of the same step k+1, and then write one checkpoint together.
+
+    torchrun forwards SIGTERM to its workers and waits (30 s by default) before SIGKILL;
+    one checkpoint must fit in that window.
+    """
+
+    def __init__(self, env: Env, signals=(signal.SIGTERM,)):
+        self.env = env
+        self.local = False
+        self.group = None
+        self.pending = None  # (work, tensor) of the reduce started at the previous step
+        if env.distributed:
+            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        self._previous = {}
+        for s in signals:
+            self._previous[s] = signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.local = True
+
+    def should_stop(self) -> bool:
+        """Collective: call on every rank once per step. True means stop now, everywhere."""
+        if not self.env.distributed:
+            return self.local
+        result = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            result = bool(flag.item())  # CPU tensor: no device sync
+        flag = torch.tensor([int(self.local)], dtype=torch.int32)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = (work, flag)
+        return result
+
+    def restore(self) -> None:
+        """Drain the last reduce and put the previous signal handlers back."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+        for s, h in self._previous.items():
+            signal.signal(s, h)
