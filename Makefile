@@ -1,0 +1,67 @@
+# bt_fast runbook. `make train` and `make test` set everything up on a fresh machine.
+#   make train                       Fashion-MNIST on this machine (GPU if present), then kNN
+#   make train CONFIG=configs/imagenet.yaml GPUS=8
+#   make test                        the CPU test suite
+#   make bench                       side-by-side benchmarks (JSON)
+#   make eval CHECKPOINT=runs/fmnist/checkpoints/last.pt
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BT := $(BIN)/bt-fast
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+# nvidia-dali-cuda130 on CUDA 13 stacks; the CPU pipelines run with either.
+DALI_PKG ?= nvidia-dali-cuda120
+STAMP := $(VENV)/.bt-fast-setup
+DEB_PKGS := dataset-fashion-mnist prometheus
+
+CONFIG ?= configs/fmnist.yaml
+FMNIST_DIR ?= data/fashion-mnist
+RUN_DIR ?= $(shell sed -n 's/^  run_dir: *//p' $(CONFIG) 2>/dev/null | head -1)
+CHECKPOINT ?= $(RUN_DIR)/checkpoints/last.pt
+SET ?=
+
+.PHONY: setup train test bench eval lint data clean-runs
+.DEFAULT_GOAL := train
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	@echo "== setup: virtualenv $(VENV) with torch, DALI and test tools"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PKGS) $(DALI_PKG) -r requirements.txt
+	$(BIN)/pip install -q -e . --no-deps
+	@if [ "$$(id -u)" = 0 ]; then \
+	  echo "== setup: Debian packages $(DEB_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PKGS) >/dev/null; \
+	else echo "== setup: not root; install the Debian packages $(DEB_PKGS) yourself for Fashion-MNIST and the Prometheus tests"; fi
+	touch $@
+
+data: setup
+	$(BT) data fashion-mnist --out $(FMNIST_DIR)
+
+train: setup
+	@if grep -q "$(FMNIST_DIR)" $(CONFIG); then $(BT) data fashion-mnist --out $(FMNIST_DIR); fi
+	$(BT) train --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+	@echo "== kNN accuracy of the frozen backbone on the val split"
+	$(BT) eval knn --checkpoint $(CHECKPOINT)
+	$(BT) eval knn --checkpoint $(CHECKPOINT) --random-init
+
+test: setup
+	$(BIN)/pytest -q tests
+
+bench: setup
+	$(BT) bench loss --json
+	$(BT) bench pipeline --json
+
+eval: setup
+	$(BT) eval knn --checkpoint $(CHECKPOINT)
+	$(BT) eval linear --checkpoint $(CHECKPOINT)
+	$(BT) eval semi --percent 10 --checkpoint $(CHECKPOINT)
+
+lint: setup
+	$(BIN)/hadolint docker/Dockerfile
+
+clean-runs:
+	rm -rf runs/
