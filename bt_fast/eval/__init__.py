@@ -1,0 +1,162 @@
+"""``bt-fast eval {knn,linear,semi} --checkpoint PATH [--random-init] [--json]``.
+
+Three standard SSL evaluations of a pretrained backbone (projector dropped):
+
+    bt-fast eval knn    --checkpoint runs/fmnist/checkpoints/last.pt       # k=20, 200; T=0.07
+    bt-fast eval linear --checkpoint runs/fmnist/checkpoints/last.pt       # frozen + linear
+    bt-fast eval semi   --checkpoint runs/fmnist/checkpoints/last.pt --percent 10
+
+Add ``--random-init`` for the baseline: the same backbone (same config) at a seeded
+random init. Data defaults to the checkpoint config's data.train_dir / data.val_dir
+(override with --train-dir / --val-dir); any ImageFolder pair with file lists works.
+Each prints a short table; ``--json`` prints one JSON object instead
+(``{"protocol", "top1", "top5", "checkpoint", ...}``). Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from bt_fast.eval.features import (EvalError, default_cache_dir, load_backbone,
+                                   split_features, stderr_log)
+from bt_fast.eval.knn import knn_accuracy
+from bt_fast.eval.linear import linear_probe
+from bt_fast.eval.semi import balanced_subset, finetune
+
+__all__ = ["add_arguments", "run", "knn_accuracy", "linear_probe", "balanced_subset",
+           "finetune", "load_backbone", "split_features"]
+
+
+def _common(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="bt_fast checkpoint (RUN_DIR/checkpoints/last.pt)")
+    p.add_argument("--random-init", action="store_true",
+                   help="baseline: same backbone as the checkpoint's config, seeded random init")
+    p.add_argument("--seed", type=int, default=0, help="random-init, subset and SGD seed (default 0)")
+    p.add_argument("--train-dir", help="ImageFolder root with filelist.txt (default: config data.train_dir)")
+    p.add_argument("--val-dir", help="ImageFolder root with filelist.txt (default: config data.val_dir)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    p.add_argument("--extract-batch", type=int, default=512, help="feature-extraction batch (default 512)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for feature extraction")
+    p.add_argument("--cache-dir", help="feature cache folder (default RUN_DIR/eval-cache)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="protocol", required=True, metavar="{knn,linear,semi}")
+    p = sub.add_parser("knn", help="weighted kNN on frozen, L2-normalised features")
+    _common(p)
+    p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbours (default 20 200)")
+    p.add_argument("--temperature", type=float, default=0.07, help="weight exp(sim/T) (default 0.07)")
+    p = sub.add_parser("linear", help="linear probe on frozen features (official protocol, cached features)")
+    _common(p)
+    p.add_argument("--epochs", type=int, default=100, help="default 100 (official)")
+    p.add_argument("--batch-size", type=int, default=256, help="default 256 (official)")
+    p.add_argument("--lr", type=float, default=0.1, help="classifier lr, cosine to 0 (default 0.1, official)")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="default 1e-6 (official)")
+    p = sub.add_parser("semi", help="fine-tune backbone + classifier on a balanced 1%%/10%% subset")
+    _common(p)
+    p.add_argument("--percent", type=float, required=True, choices=[1.0, 10.0],
+                   help="labelled fraction of train: 1 or 10")
+    p.add_argument("--epochs", type=int, default=20, help="default 20 (official)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="default 256, reduced to keep >= 10 steps/epoch; lrs scale with it")
+    p.add_argument("--lr-backbone", type=float, default=0.002, help="per 256 images (default 0.002)")
+    p.add_argument("--lr-classifier", type=float, default=0.5, help="per 256 images (default 0.5)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="default 0 (official)")
+
+
+def _dirs(args, loaded) -> tuple[str, str]:
+    train = args.train_dir or loaded.cfg.data.train_dir
+    val = args.val_dir or loaded.cfg.data.val_dir
+    for name, d in (("train", train), ("val", val)):
+        if not Path(d, "filelist.txt").is_file():
+            raise EvalError(f"{name} dir {d}: no filelist.txt (prepare it with `bt-fast data ...`, "
+                            f"or pass --{name}-dir)")
+    if Path(train).resolve() == Path(val).resolve():
+        raise EvalError(f"train and val are the same folder ({train}); evaluation needs held-out val")
+    return train, val
+
+
+def _features(args, loaded, train_dir, val_dir, log):
+    cache = None if args.no_cache else Path(args.cache_dir or default_cache_dir(args.checkpoint))
+    kw = dict(cache_dir=cache, batch_size=args.extract_batch, workers=args.workers, bf16=args.bf16, log=log)
+    return split_features(loaded, train_dir, **kw) + split_features(loaded, val_dir, **kw)
+
+
+def run(args) -> int:
+    from bt_fast.cli import UsageError
+
+    t0 = time.perf_counter()
+    log = None if args.quiet or args.json else stderr_log
+    try:
+        loaded = load_backbone(args.checkpoint, random_init=args.random_init, seed=args.seed)
+        train_dir, val_dir = _dirs(args, loaded)
+        if args.protocol == "knn":
+            if any(k < 1 for k in args.k) or args.temperature <= 0:
+                raise EvalError("--k must be >= 1 and --temperature > 0")
+            tr_x, tr_y, va_x, va_y = _features(args, loaded, train_dir, val_dir, log)
+            by_k = knn_accuracy(tr_x, tr_y, va_x, va_y, ks=tuple(args.k), temperature=args.temperature)
+            first = by_k[args.k[0]]
+            extra = {"k": args.k[0], "temperature": args.temperature,
+                     "by_k": {str(k): v for k, v in by_k.items()}}
+        elif args.protocol == "linear":
+            tr_x, tr_y, va_x, va_y = _features(args, loaded, train_dir, val_dir, log)
+            first = linear_probe(tr_x, tr_y, va_x, va_y, epochs=args.epochs, batch_size=args.batch_size,
+                                 lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, log=log)
+            extra = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                     "weight_decay": args.weight_decay, "train_top1": first["train_top1"]}
+        else:
+            first = finetune(loaded, train_dir, val_dir, percent=args.percent, seed=args.seed,
+                             epochs=args.epochs, batch_size=args.batch_size,
+                             lr_backbone=args.lr_backbone, lr_classifier=args.lr_classifier,
+                             weight_decay=args.weight_decay, workers=args.workers, log=log)
+            extra = {k: v for k, v in first.items() if k not in ("top1", "top5", "n_train", "n_val")}
+            tr_y, va_y = range(first["n_train"]), range(first["n_val"])
+    except EvalError as e:
+        raise UsageError(str(e)) from None
+    result = {
+        "protocol": args.protocol if args.protocol != "semi" else f"semi{args.percent:g}",
+        "top1": round(first["top1"], 2), "top5": round(first["top5"], 2),
+        "checkpoint": args.checkpoint, "step": loaded.step,
+        "init": "random" if args.random_init else "pretrained", "seed": args.seed,
+        "backbone": f"{loaded.cfg.model.backbone} width {loaded.cfg.model.width}",
+        "feature_dim": loaded.feature_dim, "train_dir": train_dir, "val_dir": val_dir,
+        "n_train": len(tr_y), "n_val": len(va_y),
+        **extra, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def format_table(r: dict) -> str:
+    """A few lines: what was evaluated, then one row per result."""
+    step = f" step {r['step']}" if r.get("step") is not None else ""
+    head = (f"{r['protocol']} | {r['init']} {r['backbone']} ({r['feature_dim']}-d) | "
+            f"{r['checkpoint']}{step} | {r['seconds']:.0f}s")
+    if r["protocol"] == "knn":
+        rows = [f"  k={k:<4} T={r['temperature']:<5g} top1 {v['top1']:6.2f}  top5 {v['top5']:6.2f}"
+                for k, v in r["by_k"].items()]
+    elif r["protocol"] == "linear":
+        rows = [f"  linear {r['epochs']} ep    top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}"
+                f"  (train top1 {r['train_top1']:.2f})"]
+    else:
+        rows = [f"  {r['percent']:g}% = {r['n_subset']} imgs, {r['epochs']} ep  "
+                f"top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}"]
+    return "\n".join([head, *rows])
+
+
+def main() -> int:  # python -m bt_fast.eval ...
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bt-fast eval")
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

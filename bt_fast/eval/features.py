@@ -1,0 +1,243 @@
+"""Frozen-backbone features for evaluation: checkpoint loading, an offline image loader,
+feature extraction and an on-disk feature cache.
+
+Evaluation is offline and small next to pretraining, so images are read with PIL
+through a plain torch DataLoader from the validated file list (``ROOT/filelist.txt``)
+rather than through DALI. Every protocol sees the same deterministic transform:
+resize + center crop to ``data.image_size`` (identity for Fashion-MNIST's native
+28 px), then normalisation with the mean/std of the config's first view.
+
+Features of a (backbone, split) pair are cached under ``RUN_DIR/eval-cache/``, keyed
+by everything that changes them (checkpoint file, random-init seed, split file list,
+image size, normalisation), so ``knn`` then ``linear`` on the same checkpoint extract
+only once and linear-probe epochs cost a few matmuls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from bt_fast.config import Config, from_dict
+from bt_fast.data import DataError, read_file_list
+from bt_fast.model import build_backbone
+
+CACHE_VERSION = 1
+
+
+class EvalError(Exception):
+    """A problem the user can fix (missing file, bad checkpoint); exit 2, one line."""
+
+
+# ------------------------------------------------------------------ checkpoint
+
+
+@dataclass
+class Loaded:
+    """A backbone ready for evaluation plus where it came from."""
+
+    backbone: nn.Module
+    feature_dim: int
+    cfg: Config
+    checkpoint: str
+    step: int | None
+    random_init: bool
+    seed: int
+    fingerprint: str
+    """Identifies the weights: checkpoint file identity, or 'random:<seed>'."""
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    """Backbone weights from a BarlowTwins state_dict, tolerating DDP/compile prefixes."""
+    out = {}
+    for key, value in state.items():
+        for wrapper in ("module.", "_orig_mod."):
+            if key.startswith(wrapper):
+                key = key[len(wrapper):]
+        if key.startswith(prefix):
+            out[key[len(prefix):]] = value
+    return out
+
+
+def load_backbone(checkpoint: str | Path, *, random_init: bool = False, seed: int = 0) -> Loaded:
+    """Rebuild the backbone of a checkpoint; with random_init, the same net at seeded init."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise EvalError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise EvalError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise EvalError(f"{path}: not a bt_fast checkpoint (needs 'model' and 'config')")
+    cfg = from_dict(ckpt["config"], f"{path}:config")
+    torch.manual_seed(seed)  # the random-init baseline is a pure function of the seed
+    try:
+        backbone, dim = build_backbone(cfg.model)
+    except ValueError as e:
+        raise EvalError(f"{path}: {e}") from None
+    if random_init:
+        fingerprint = f"random:{seed}"
+    else:
+        weights = _strip(ckpt["model"], "backbone.")
+        if not weights:
+            raise EvalError(f"{path}: checkpoint has no 'backbone.*' weights")
+        try:
+            backbone.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise EvalError(f"{path}: backbone weights do not match config model ({first})") from None
+        st = path.stat()
+        fingerprint = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    step = ckpt.get("step")
+    return Loaded(backbone, dim, cfg, str(path), int(step) if step is not None else None,
+                  random_init, seed, fingerprint)
+
+
+# ------------------------------------------------------------------ images
+
+
+def eval_transform(cfg: Config) -> transforms.Compose:
+    """Deterministic eval view: resize + center crop to data.image_size, normalise.
+
+    Larger images follow the ImageNet convention (shorter side to size/0.875, then the
+    center crop); images already at the size are only cropped to square.
+    """
+    size = cfg.data.image_size
+    view = cfg.views[0]
+    return transforms.Compose([
+        _ResizeForEval(size),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(view.mean, view.std),
+    ])
+
+
+class _ResizeForEval:
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        short = min(img.size)
+        if short == self.size:
+            return img
+        target = round(self.size / 0.875) if short > self.size else self.size
+        return transforms.functional.resize(img, target, antialias=True)
+
+
+class ImageList(Dataset):
+    """(image tensor, label) pairs of an ImageFolder root, read from its file list."""
+
+    def __init__(self, root: str | Path, transform, indices: list[int] | None = None):
+        self.root = Path(root)
+        try:
+            paths, labels, classes = read_file_list(self.root)
+        except DataError as e:
+            raise EvalError(str(e)) from None
+        if not paths:
+            raise EvalError(f"{self.root}: file list is empty")
+        if indices is not None:
+            paths = [paths[i] for i in indices]
+            labels = [labels[i] for i in indices]
+        self.paths, self.labels, self.classes = paths, labels, classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.root / self.paths[i]) as im:
+            img = im.convert("RGB")
+        return self.transform(img), self.labels[i]
+
+
+def num_classes(*label_lists) -> int:
+    return 1 + max(max(ls) for ls in label_lists)
+
+
+# ------------------------------------------------------------------ extraction
+
+
+@torch.inference_mode()
+def extract(backbone: nn.Module, dataset: Dataset, *, batch_size: int = 512, workers: int = 2,
+            bf16: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features [N, D] float32 and labels [N] int64, in file-list order."""
+    backbone.eval().to(memory_format=torch.channels_last)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        persistent_workers=False)
+    feats, labels = [], []
+    t0, done = time.perf_counter(), 0
+    for x, y in loader:
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            f = backbone(x)  # [B, D]
+        feats.append(f.float())
+        labels.append(y)
+        done += len(y)
+        if log and done % (batch_size * 20) < batch_size:
+            log(f"  features {done}/{len(dataset)} ({done / (time.perf_counter() - t0):.0f} img/s)")
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+def cache_key(loaded: Loaded, root: str | Path) -> str:
+    """Hash of everything the features of (weights, split) depend on."""
+    root = Path(root).resolve()
+    lst = root / "filelist.txt"
+    st = lst.stat() if lst.is_file() else None
+    view = loaded.cfg.views[0]
+    parts = {
+        "v": CACHE_VERSION, "weights": loaded.fingerprint, "model": vars(loaded.cfg.model),
+        "root": str(root), "list": [st.st_size, st.st_mtime_ns] if st else None,
+        "size": loaded.cfg.data.image_size, "mean": view.mean, "std": view.std,
+    }
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_cache_dir(checkpoint: str | Path) -> Path:
+    """RUN_DIR/eval-cache for RUN_DIR/checkpoints/x.pt, else next to the checkpoint."""
+    parent = Path(checkpoint).resolve().parent
+    run_dir = parent.parent if parent.name == "checkpoints" else parent
+    return run_dir / "eval-cache"
+
+
+def split_features(loaded: Loaded, root: str | Path, *, cache_dir: Path | None,
+                   batch_size: int = 512, workers: int = 2, bf16: bool = False,
+                   log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features + labels of one split, from the cache when present (cache_dir=None: off)."""
+    path = None
+    if cache_dir is not None:
+        tag = "random" if loaded.random_init else "ckpt"
+        path = Path(cache_dir) / f"{Path(root).name}-{tag}-{cache_key(loaded, root)}.pt"
+        if path.is_file():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if log:
+                log(f"  features of {root} from cache {path}")
+            return blob["features"], blob["labels"]
+    t0 = time.perf_counter()
+    dataset = ImageList(root, eval_transform(loaded.cfg))
+    feats, labels = extract(loaded.backbone, dataset, batch_size=batch_size, workers=workers,
+                            bf16=bf16, log=log)
+    if log:
+        dt = time.perf_counter() - t0
+        log(f"  features of {root}: {tuple(feats.shape)} in {dt:.1f}s ({len(labels) / dt:.0f} img/s)")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"features": feats, "labels": labels}, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent eval never reads half a file
+    return feats, labels
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
