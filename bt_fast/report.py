@@ -1,0 +1,255 @@
+"""``bt-fast report RUN_DIR``: PNG plots of a run, written to RUN_DIR/report/.
+
+From ``RUN_DIR/metrics.jsonl`` (written by the JSONL sink on rank 0):
+
+- ``throughput.png``: global images/s over steps;
+- ``step_time.png``: mean step time per phase, stacked, and the data-wait share;
+- ``loss.png``: loss, its on-diagonal (invariance) and off-diagonal (redundancy) terms;
+- ``dashboard.png``: the four above and the learning rate on one page.
+
+From ``RUN_DIR/checkpoints/last.pt``, if present (skip with ``--no-crosscorr``):
+
+- ``crosscorr.png``: the cross-correlation matrix c of one validation batch, for the
+  model at random initialisation (same config and seed) and for the trained model.
+  Barlow Twins drives c towards the identity. The two views are drawn with
+  torchvision's version of the run's ``views`` recipe (crop, flip, colour jitter,
+  grayscale, blur, solarize), not DALI, so the report needs no data pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+PHASE_COLORS = {"data_wait": "tab:red", "forward": "tab:blue", "backward": "tab:orange",
+                "comm": "tab:purple", "optimizer": "tab:green"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The training-log records (those with a loss), in step order; skips torn lines."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run may be torn
+        if "loss" in rec:
+            records.append(rec)
+    return sorted(records, key=lambda r: r["step"])
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _phases(records: list[dict]) -> list[str]:
+    present = {k[5:-2] for r in records for k in r if k.startswith("time_") and k != "time_step_s"}
+    return [p for p in PHASE_COLORS if p in present] + sorted(present - set(PHASE_COLORS))
+
+
+def plot_throughput(ax, records):
+    ax.plot(*_series(records, "images_per_s"), color="tab:blue")
+    ax.set(title="Throughput (all ranks)", xlabel="step", ylabel="images/s")
+    ax.set_ylim(bottom=0)
+
+
+def plot_step_time(ax, records):
+    steps = [r["step"] for r in records]
+    phases = _phases(records)
+    ys = [[r.get(f"time_{p}_s", 0.0) for r in records] for p in phases]
+    if phases:
+        ax.stackplot(steps, ys, labels=phases, colors=[PHASE_COLORS.get(p) for p in phases],
+                     alpha=0.8)
+    ax.set(title="Step-time breakdown (mean per step)", xlabel="step", ylabel="seconds")
+    ax.legend(loc="upper left", fontsize="small")
+
+
+def plot_data_wait(ax, records):
+    s, share = _series(records, "data_wait_share")
+    ax.plot(s, [100 * v for v in share], color="tab:red")
+    ax.set(title="Data-wait share of step time", xlabel="step", ylabel="%", ylim=(0, 100))
+
+
+def plot_loss(ax, records):
+    for key, label in (("loss", "loss"), ("loss_on_diag", "on-diagonal  Σ(1−c_ii)²"),
+                       ("loss_off_diag", "off-diagonal  Σ c_ij² (unweighted)")):
+        s, v = _series(records, key)
+        if s:
+            ax.plot(s, v, label=label)
+    ax.set(title="Loss terms", xlabel="step", yscale="log")
+    ax.legend(fontsize="small")
+
+
+def plot_lr(ax, records):
+    for key, label in (("lr", "weights"), ("lr_biases", "biases / BN")):
+        s, v = _series(records, key)
+        if s:
+            ax.plot(s, v, label=label)
+    ax.set(title="Learning rate", xlabel="step")
+    ax.legend(fontsize="small")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def metric_plots(records: list[dict], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, fns in (("throughput", [plot_throughput]), ("step_time", [plot_step_time, plot_data_wait]),
+                      ("loss", [plot_loss])):
+        fig, axes = plt.subplots(1, len(fns), figsize=(6 * len(fns), 4), squeeze=False)
+        for fn, ax in zip(fns, axes[0]):
+            fn(ax, records)
+        written.append(_save(fig, out / f"{name}.png"))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for fn, ax in zip((plot_throughput, plot_data_wait, plot_step_time, plot_loss, plot_lr),
+                      axes.flat):
+        fn(ax, records)
+    axes.flat[-1].axis("off")
+    last = records[-1]
+    axes.flat[-1].text(0, 0.5, "\n".join(
+        [title, f"step {last['step']}", f"{last.get('images_per_s', float('nan')):.1f} images/s",
+         f"data wait {100 * last.get('data_wait_share', float('nan')):.0f}% of step time",
+         f"loss {last['loss']:.4g}"]), fontsize=12, va="center", family="monospace")
+    fig.suptitle(f"bt_fast run: {title}")
+    written.append(_save(fig, out / "dashboard.png"))
+    return written
+
+
+# ---------------------------------------------------------------- cross-correlation
+
+
+def _view_transform(spec):
+    """torchvision's version of one ViewSpec (the official recipe's transforms)."""
+    import torchvision.transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
+                            interpolation=getattr(T.InterpolationMode, spec.interp.upper())),
+        T.RandomHorizontalFlip(spec.flip_p),
+        T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)],
+                      p=spec.jitter_p),
+        T.RandomGrayscale(spec.grayscale_p),
+        T.RandomApply([T.GaussianBlur(23, sigma=spec.blur_sigma)], p=spec.blur_p),
+        T.RandomSolarize(128, p=spec.solarize_p),
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
+    """Two augmented views [B, 3, H, W] of up to ``batch`` images spread over val_dir."""
+    import torch
+    from PIL import Image
+
+    from bt_fast.cli import UsageError
+    from bt_fast.pipelines.spec import expand
+
+    files = sorted(p for p in val_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise UsageError(f"{val_dir}: need validation images for the cross-correlation "
+                         f"(set --val-dir, or --no-crosscorr)")
+    files = files[:: max(1, len(files) // batch)][:batch]
+    specs = [dataclasses.replace(s, size=s.size or cfg.data.image_size) for s in expand(cfg.views)[:2]]
+    torch.manual_seed(seed)
+    tfs = [_view_transform(s) for s in specs]
+    images = [Image.open(f).convert("RGB") for f in files]
+    return [torch.stack([tf(im) for im in images]) for tf in tfs]
+
+
+def cross_correlations(ckpt_path: Path, val_dir: Path | None, batch: int):
+    """(c at random init, c trained, step, D) on one validation batch; c is [D, D]."""
+    import torch
+
+    from bt_fast import checkpoint, config
+    from bt_fast.kernels.reference import cross_correlation
+    from bt_fast.model import BarlowTwins
+
+    ckpt = checkpoint.load(ckpt_path)
+    cfg = config.from_dict(ckpt["config"], str(ckpt_path))
+    views = validation_views(cfg, Path(val_dir or cfg.data.val_dir), batch)
+    torch.manual_seed(cfg.train.seed)
+    model = BarlowTwins(cfg.model).eval()
+    cs = []
+    for state in (None, ckpt["model"]):
+        if state is not None:  # strip DDP / torch.compile wrappers' prefixes if any
+            model.load_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v
+                                   for k, v in state.items()})
+        with torch.no_grad():
+            z1, z2 = model(views)
+        cs.append(cross_correlation(z1, z2, cfg.loss.eps))
+    return cs[0], cs[1], int(ckpt["step"]), model.embed_dim
+
+
+def plot_crosscorr(c_init, c_trained, step: int, out: Path, dims: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, c, name in ((axes[0], c_init, "random init"), (axes[1], c_trained, f"step {step}")):
+        d = c.shape[0]
+        off = c[~torch.eye(d, dtype=torch.bool)]
+        im = ax.imshow(c[:dims, :dims].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_title(f"{name}: mean c_ii {c.diagonal().mean():.2f}, "
+                     f"mean |c_ij| {off.abs().mean():.2f}", fontsize=10)
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle(f"Cross-correlation of two views' embeddings (first {min(dims, c_init.shape[0])} "
+                 f"of {c_init.shape[0]} dims); Barlow Twins drives it to the identity")
+    fig.savefig(out / "crosscorr.png", dpi=100)
+    plt.close(fig)
+    return out / "crosscorr.png"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (train.run_dir)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/report)")
+    parser.add_argument("--no-crosscorr", action="store_true", help="skip the checkpoint heatmap")
+    parser.add_argument("--val-dir", type=Path, default=None,
+                        help="validation ImageFolder for the heatmap (default: the run's data.val_dir)")
+    parser.add_argument("--batch", type=int, default=256, help="validation images for the heatmap")
+    parser.add_argument("--dims", type=int, default=64, help="embedding dims shown in the heatmap")
+
+
+def run(args) -> int:
+    from bt_fast.cli import UsageError
+
+    jsonl = args.run_dir / "metrics.jsonl"
+    if not jsonl.is_file():
+        raise UsageError(f"{jsonl}: not found; is {args.run_dir} a run folder?")
+    records = read_jsonl(jsonl)
+    if not records:
+        raise UsageError(f"{jsonl}: no training records yet")
+    out = args.out or args.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    written = metric_plots(records, out, args.run_dir.name)
+    ckpt = args.run_dir / "checkpoints" / "last.pt"
+    if not args.no_crosscorr:
+        if ckpt.is_file():
+            c0, c1, step, _ = cross_correlations(ckpt, args.val_dir, args.batch)
+            written.append(plot_crosscorr(c0, c1, step, out, args.dims))
+        else:
+            print(f"no {ckpt}: skipping the cross-correlation heatmap")
+    for path in written:
+        print(path)
+    return 0
