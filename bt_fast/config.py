@@ -214,9 +214,11 @@ def _build(cls: type, values: dict, where: str):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
+            prefix = f"{where}." if where else ""
             hint = difflib.get_close_matches(str(key), names, n=1)
-            dym = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{dym}; valid keys: {', '.join(names)}")
+            dym = f" (did you mean {prefix + hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"unknown key {prefix + str(key)!r}{dym}; "
+                              f"valid keys{' of ' + where if where else ''}: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     try:
         return cls(**kwargs)

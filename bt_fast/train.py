@@ -1,0 +1,241 @@
+"""Barlow Twins pretraining: ``bt-fast train --config PATH [--set section.key=value ...]``.
+
+One process:      bt-fast train --config configs/fmnist.yaml
+One node, 8 GPUs: torchrun --nproc-per-node 8 -m bt_fast train --config configs/imagenet.yaml
+N nodes:          make train NODES=N GPUS=8 CONFIG=configs/imagenet.yaml  (see README)
+
+The loop reads as the algorithm: two augmented views -> backbone + projector -> z1, z2
+-> cross-correlation loss over the global batch -> backward -> LARS step. A re-run
+with the same ``train.run_dir`` resumes from ``checkpoints/last.pt``, data position
+included. Host<->device syncs happen only on log steps (every ``train.log_every``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from bt_fast import checkpoint, config, dist, metrics, optim
+from bt_fast.kernels import barlow_twins_loss
+from bt_fast.model import BarlowTwins
+from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource, expand
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed NaN/inf for a whole log window: stop, keep the last checkpoint."""
+
+
+@dataclass
+class Run:
+    """What the loop needs besides the model: built once by ``setup``."""
+
+    cfg: config.Config
+    env: dist.Env
+    run_dir: Path
+    model: torch.nn.Module  # unwrapped: what checkpoints store
+    ddp: torch.nn.Module  # what forward/backward run through (model itself in a world of one)
+    optimizer: optim.LARS
+    scaler: torch.amp.GradScaler
+    loader: MultiViewLoader
+    step: int
+    total_steps: int  # length of the lr schedule
+    last_step: int  # where this run stops (max_steps may cut the schedule short)
+    warmup_steps: int
+
+
+def autocast(cfg: config.Config, device: torch.device):
+    if cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) -> dict:
+    """Forward, loss, backward, LARS step. Returns device tensors (no sync here)."""
+    cfg = run.cfg
+    with autocast(cfg, run.env.device):
+        z1, z2 = run.ddp(views)  # [B_local, D] each
+    group = torch.distributed.group.WORLD if run.env.distributed else None
+    loss, on_diag, off_diag = barlow_twins_loss(
+        z1.float(), z2.float(), lambd=cfg.loss.lambd, eps=cfg.loss.eps, group=group,
+        impl=cfg.loss.impl, return_terms=True)
+    timer.mark("forward")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    timer.mark("backward")
+    finite = torch.isfinite(loss)  # device-side: a non-finite step is skipped, not synced
+    run.scaler.step(run.optimizer, finite=finite)
+    run.scaler.update()
+    timer.mark("optimizer")
+    return {"loss": loss.detach(), "loss_on_diag": on_diag.detach(),
+            "loss_off_diag": off_diag.detach(), "nonfinite": (~finite).int()}
+
+
+def make_loader(cfg: config.Config, env: dist.Env, state: dict | None) -> MultiViewLoader:
+    if cfg.data.batch_size % env.world_size:
+        raise config.ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                                 f"the world size {env.world_size}")
+    if cfg.data.reader == "webdataset":
+        source = WebDatasetSource(cfg.data.webdataset)
+    else:
+        source = FolderSource(cfg.data.train_dir)
+    return MultiViewLoader(
+        source, cfg.views, cfg.data.batch_size // env.world_size, device=data_device(cfg),
+        num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, seed=cfg.train.seed,
+        shard_id=env.rank, num_shards=env.world_size, state=state)
+
+
+def data_device(cfg: config.Config) -> str:
+    if cfg.data.device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return cfg.data.device
+
+
+def check_config(cfg: config.Config) -> None:
+    if len(expand(cfg.views)) != 2:
+        raise config.ConfigError(f"views: Barlow Twins needs exactly 2 views, got {len(expand(cfg.views))}")
+    choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
+               "data.device": (cfg.data.device, ("auto", "cpu", "gpu")),
+               "data.reader": (cfg.data.reader, ("folder", "webdataset")),
+               "loss.impl": (cfg.loss.impl, ("auto", "reference", "dense", "gram"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise config.ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+
+
+def setup(cfg: config.Config) -> Run:
+    check_config(cfg)
+    env = dist.init(want_cuda=data_device(cfg) == "gpu" or torch.cuda.is_available())
+    run_dir = Path(cfg.train.run_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = BarlowTwins(cfg.model).to(env.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.sync_bn:
+        model = dist.convert_sync_bn(model, env)
+    optimizer = optim.build(model, cfg.optim)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
+    step, pipeline_state = 0, None
+    last = checkpoint.latest(run_dir)
+    if last is not None:
+        ckpt = checkpoint.load(last)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        step, pipeline_state = ckpt["step"], pipeline_state_for(ckpt, last, env)
+        if env.is_main:
+            print(f"resuming from {last} at step {step}", file=sys.stderr)
+    loader = make_loader(cfg, env, pipeline_state)
+    steps_per_epoch = len(loader)
+    total = max(1, round(cfg.optim.epochs * steps_per_epoch))
+    last_step = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+    ddp = dist.wrap_ddp(torch.compile(model) if cfg.train.compile else model, cfg.dist, env)
+    if env.is_main:
+        config.save(cfg, run_dir / "config.yaml")
+    return Run(cfg, env, run_dir, model, ddp, optimizer, scaler, loader, step, total, last_step,
+               round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+
+def pipeline_state_for(ckpt: dict, path: Path, env: dist.Env) -> dict:
+    """This rank's data position; shard r belongs to rank r, so the world size must match."""
+    states = ckpt["pipeline"]
+    if len(states) != env.world_size:
+        raise config.ConfigError(f"{path}: written by {len(states)} rank(s), now {env.world_size}; "
+                                 "resuming with another world size would read other images")
+    return states[env.rank]
+
+
+def save_checkpoint(run: Run, logger) -> None:
+    """Every rank reaches this at the same step; rank 0 writes (weights are replicated,
+    data positions are per rank and gathered)."""
+    state = run.loader.state_dict()
+    states = [state]
+    if run.env.distributed:
+        states = [None] * run.env.world_size
+        torch.distributed.all_gather_object(states, state)
+    if run.env.is_main:
+        t0 = time.perf_counter()
+        checkpoint.save_atomic({
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "step": run.step, "rng": checkpoint.rng_state(),
+            "pipeline": states, "config": config.to_dict(run.cfg),
+        }, checkpoint.checkpoint_dir(run.run_dir) / checkpoint.LAST)
+        logger.log_checkpoint(time.perf_counter() - t0, run.step)
+    dist.barrier()
+
+
+def log_window(run: Run, logger, out: dict, timer, lrs, window_steps: int, t_window: float) -> None:
+    """One sync point per log window: turn device tensors into floats and fan out."""
+    nonfinite = int(out["nonfinite_window"].item())
+    if nonfinite == window_steps:
+        raise NonFiniteLoss(f"loss was NaN/inf for all {window_steps} steps up to step {run.step}; "
+                            f"weights were not updated; last checkpoint: "
+                            f"{checkpoint.latest(run.run_dir) or 'none'}")
+    images = window_steps * run.cfg.data.batch_size
+    logger.log({
+        "loss": out["loss"].item(), "loss_on_diag": out["loss_on_diag"].item(),
+        "loss_off_diag": out["loss_off_diag"].item(), "lr": lrs[0], "lr_biases": lrs[1],
+        "images": images, "images_per_s": images / max(t_window, 1e-9),
+        "epoch": run.step / max(1, len(run.loader)), "nonfinite_steps": nonfinite,
+        "durations": timer.collect(),
+    }, run.step)
+
+
+def train(run: Run) -> None:
+    cfg, env = run.cfg, run.env
+    logger = metrics.open_sinks(cfg, run.run_dir, rank=env.rank, local_rank=env.local_rank,
+                                world_size=env.world_size, total_steps=run.last_step)
+    timer = metrics.StepTimer(env.device)
+    nonfinite = torch.zeros((), dtype=torch.int32, device=env.device)
+    t_window, window = time.perf_counter(), 0
+    try:
+        while run.step < run.last_step:
+            timer.start()
+            for views, _labels in run.loader:
+                timer.mark("data_wait")
+                lrs = optim.set_lr(run.optimizer, run.step, cfg.optim, global_batch=cfg.data.batch_size,
+                                   warmup_steps=run.warmup_steps, total_steps=run.total_steps)
+                out = train_step(run, views, timer)
+                nonfinite += out["nonfinite"]
+                run.step += 1
+                window += 1
+                if run.step % cfg.train.log_every == 0 or run.step == run.last_step:
+                    out["nonfinite_window"] = nonfinite
+                    log_window(run, logger, out, timer, lrs, window, time.perf_counter() - t_window)
+                    nonfinite.zero_()
+                    t_window, window = time.perf_counter(), 0
+                every = cfg.train.checkpoint_every
+                if (every and run.step % every == 0) or run.step == run.last_step:
+                    save_checkpoint(run, logger)
+                if run.step >= run.last_step:
+                    break
+                timer.start()
+    finally:
+        logger.close()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="YAML recipe (sections mirror bt_fast/config.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable); beats the YAML file")
+
+
+@record
+def run(args) -> int:
+    cfg = config.load(args.config, args.set)
+    try:
+        state = setup(cfg)
+        train(state)
+    except NonFiniteLoss as e:
+        print(f"bt-fast train: {e}", file=sys.stderr)
+        return 3
+    finally:
+        dist.close()
+    return 0
