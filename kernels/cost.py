@@ -1,0 +1,94 @@
+"""The written cost model behind ``impl="auto"``: flops, bytes moved, bytes sent.
+
+Per rank, for a global batch N = W * n, embedding width D and input itemsize s:
+
+    impl       flops                        extra memory (bytes)        sent per rank
+    gram       8 n N D + 2 N D              4 (2 N D + 2 n N)           G + Z
+    dense      6 N D^2 + 4 n D^2            8 tiles + 2 N D s'          G + Z
+    reference  6 N D^2                      16 D^2 + 8 N D              (W-1) 2 n D s
+    official   6 n D^2                      16 D^2                      2 (W-1)/W 4 D^2 + Z
+
+    G = (W-1) * 2 n D * s   one ring all-gather of the normalized pair (bf16 allowed)
+    Z = 2 (W-1)/W * 4 * 8D  three fp32 all-reduces of normalization (2D, 2D, 4D sums)
+
+(``official`` is the official code's dense c + all-reduce, the benchmark's baseline; it
+is never picked: its gradient has the 1/W convention.) Collective costs follow the
+ring algorithms gloo and NCCL use for large messages: an all-reduce of S bytes sends
+2 (W-1)/W S per rank, an all-gather of W pieces of S bytes sends (W-1) S.
+
+Modelled seconds = flops / F + bytes moved / M + bytes sent / L with per-device rates
+(F: matmul flop/s, M: memory bandwidth, L: link bandwidth) below. On a CPU the Triton
+kernels only run in the interpreter, a correctness twin, so ``dense`` is not a
+candidate there. Rates are round numbers: they order the candidates, not predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+# (matmul flop/s fp32, matmul flop/s half, memory B/s, link B/s)
+RATES = {
+    "cpu": (5e10, 5e10, 1e10, 2e9),  # a few cores, loopback gloo
+    "cuda": (2e13, 2e14, 2e12, 2.5e10),  # A100/H100 class, 200 Gb/s per GPU
+}
+
+
+@dataclass
+class ImplCost:
+    impl: str
+    flops: float
+    memory_bytes: float  # extra memory held at the peak (beyond z and its grad)
+    moved_bytes: float  # memory traffic, rough
+    sent_bytes: float  # bytes each rank sends per step (ring algorithms)
+    seconds: float  # modelled time per forward+backward
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ring_all_reduce(nbytes: float, w: int) -> float:
+    return 2 * (w - 1) / w * nbytes if w > 1 else 0.0
+
+
+def _ring_all_gather(piece_bytes: float, w: int) -> float:
+    return (w - 1) * piece_bytes
+
+
+def loss_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, device: str = "cpu") -> dict:
+    """Modelled per-rank cost of each implementation, as {impl: ImplCost}."""
+    N, D, W = float(n_global), float(d), int(world_size)
+    n = N / W
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    s = torch.empty((), dtype=dtype).element_size()
+    half = dtype in (torch.float16, torch.bfloat16)
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    f32_rate, half_rate, mem_rate, link_rate = RATES[kind]
+    flop_rate = half_rate if half else f32_rate
+    norm_sent = _ring_all_reduce(4 * 8 * D, W)
+    gather_sent = _ring_all_gather(2 * n * D * s, W)
+    tiles = (D / 64) ** 2
+    rows = {
+        "gram": (8 * n * N * D + 2 * N * D, 4 * (2 * N * D + 2 * n * N), 4 * 4 * (N * D + n * N), gather_sent + norm_sent),
+        "dense": (6 * N * D * D + 4 * n * D * D, 8 * tiles + 2 * N * D * s, 3 * 2 * N * D * (D / 64) * s, gather_sent + norm_sent),
+        "reference": (6 * N * D * D, 16 * D * D + 8 * N * D, 4 * 4 * D * D, _ring_all_gather(2 * n * D * s, W)),
+        "official": (6 * n * D * D, 16 * D * D, 4 * 4 * D * D, _ring_all_reduce(4 * D * D, W) + norm_sent),
+    }
+    out = {}
+    for impl, (flops, memory, moved, sent) in rows.items():
+        seconds = flops / flop_rate + moved / mem_rate + sent / link_rate
+        out[impl] = ImplCost(impl, flops, memory, moved, sent, seconds)
+    return out
+
+
+def candidates(device: str = "cpu") -> tuple[str, ...]:
+    """Implementations ``auto`` may pick on ``device`` (no interpreter on CPU)."""
+    return ("gram", "dense", "reference") if str(device).startswith("cuda") else ("gram", "reference")
+
+
+def choose_impl(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, device: str = "cpu"):
+    """(impl, costs): the candidate with the least modelled time, and the whole table."""
+    costs = loss_costs(n_global, d, world_size, dtype, device)
+    best = min(candidates(device), key=lambda impl: costs[impl].seconds)
+    return best, costs

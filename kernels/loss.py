@@ -1,0 +1,59 @@
+"""``barlow_twins_loss``: one entry point, four implementations, the official semantics.
+
+    a1, a2 = normalize over the GLOBAL batch (normalize.py: all-reduce of 2 x [2D] sums)
+    c      = sum_ranks a1_r^T a2_r / N_global                    (never formed by dense/gram)
+    loss   = sum_i (c_ii - 1)^2 + lambd * sum_{i!=j} c_ij^2      fp32 scalar
+
+Gradient scale (DESIGN.md): on every rank, backward yields exactly d loss / d z_local
+of the global loss; DDP then averages over ranks, which reproduces the official
+convention (true gradient / world size) that the published learning rates assume.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bt_fast.kernels import collectives
+from bt_fast.kernels.cost import choose_impl
+from bt_fast.kernels.gram import gram_terms
+from bt_fast.kernels.normalize import normalize_pair
+from bt_fast.kernels.reference import barlow_twins_loss_reference
+
+IMPLS = ("auto", "reference", "dense", "gram")
+
+
+def resolve_impl(impl: str, z: torch.Tensor, group=None) -> str:
+    """The concrete implementation ``impl`` stands for with these inputs."""
+    if impl not in IMPLS:
+        raise ValueError(f"loss impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    if impl != "auto":
+        return impl
+    w = collectives.world_size(group)
+    return choose_impl(z.shape[0] * w, z.shape[1], w, z.dtype, z.device.type)[0]
+
+
+def barlow_twins_loss(z1, z2, *, lambd=0.0051, eps=1e-5, group=None, impl="auto", return_terms=False):
+    """Barlow Twins loss of embeddings z1, z2 [n_local, D] over the global batch of ``group``.
+
+    impl: "reference" (plain torch oracle), "dense" (Triton, tile by tile), "gram"
+    (N x N Gram matrices) or "auto" (kernels.cost.choose_impl). Local batch sizes must
+    be equal on all ranks. With ``return_terms`` returns (loss, on_diag, off_diag),
+    off_diag unweighted, all fp32 scalars.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be [N, D]; got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    impl = resolve_impl(impl, z1, group)
+    if impl == "reference":
+        return barlow_twins_loss_reference(z1, z2, lambd=lambd, eps=eps, group=group, return_terms=return_terms)
+    a1, a2 = normalize_pair(z1, z2, eps=eps, group=group)  # [n, D] fp32 (fp64 for fp64 z)
+    half = z1.dtype in (torch.float16, torch.bfloat16)
+    gather_dtype = z1.dtype if half else a1.dtype  # half inputs: half on the wire
+    if impl == "gram":
+        on_diag, off_diag = gram_terms(a1, a2, group=group, gather_dtype=gather_dtype)
+    else:
+        from bt_fast.kernels.dense import dense_terms  # imports triton (interpreter on CPU)
+
+        on_diag, off_diag = dense_terms(a1.float(), a2.float(), group=group,
+                                        gather_dtype=gather_dtype if half else torch.float32)
+    loss = on_diag + lambd * off_diag
+    return (loss, on_diag, off_diag) if return_terms else loss
