@@ -21,7 +21,8 @@ class ViewSpec:
     """Augmentation parameters of one kind of view (``count`` crops of it per image)."""
 
     size: int = 224
-    """Output side in pixels (square)."""
+    """Output side in pixels (square); 0 = unset, the caller fills it in (the trainer
+    uses ``data.image_size``). A loader refuses a view whose size is still 0."""
     scale: Tuple[float, float] = (0.08, 1.0)
     """RandomResizedCrop area fraction range."""
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
@@ -62,8 +63,8 @@ class ViewSpec:
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"ViewSpec.{name}={p} is not a probability in [0, 1]")
-        if self.size <= 0 or self.count <= 0:
-            raise ValueError(f"ViewSpec.size and .count must be positive, got {self.size}, {self.count}")
+        if self.size < 0 or self.count <= 0:
+            raise ValueError(f"ViewSpec.size must be >= 0 and .count positive, got {self.size}, {self.count}")
         if self.interp not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"ViewSpec.interp={self.interp!r}: use bicubic, bilinear or nearest")
 

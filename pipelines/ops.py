@@ -1,0 +1,116 @@
+"""One view's augmentation as a plain DALI function (no pipeline, no reader).
+
+``augment_view`` turns a decoded uint8 HWC image batch into one normalized float view,
+following a ``ViewSpec``. It runs unchanged on CPU and GPU data: the image batch lives
+on whatever device the decoder put it, the per-sample coins are always CPU booleans.
+
+Per-sample randomness uses DALI conditionals (``if coin:`` on a CPU boolean splits the
+batch), so an op the coin skipped costs nothing. The caller's ``@pipeline_def`` must pass
+``enable_conditionals=True``.
+
+Order and units (what differs from torchvision, each bounded in tests/test_pipeline_faithful.py):
+
+1. crop + resize: ``fn.random_resized_crop`` (same area/log-ratio sampling, 10 attempts,
+   antialiased bicubic), or a crop decoded straight from the JPEG (``decode="roi"``).
+2. color jitter with p=jitter_p: one fused ``fn.color_twist`` pass, fixed order
+   brightness, contrast, saturation, hue (torchvision draws a random order per sample).
+   Hue: torchvision's fraction of a turn times 360 = DALI degrees; DALI rotates hue in
+   YIQ space where torchvision goes through HSV. Contrast: DALI pivots around mid-grey,
+   torchvision around the image's mean grey.
+3. grayscale with p=grayscale_p: ``color_twist(saturation=0)`` (Y of YIQ, the same
+   0.299/0.587/0.114 weights as torchvision), still 3 channels.
+4. gaussian blur with p=blur_p: sigma ~ U(blur_sigma), kernel ``2*ceil(3*sigma)+1``
+   taps (7-13 for the BT range) instead of torchvision's fixed 23 at 224 px; the taps
+   dropped beyond 3 sigma carry < 0.3% of the weight.
+5. solarize with p=solarize_p: a 256-entry lookup table (v >= 128 -> 255 - v).
+6. flip with p=flip_p, normalize, cast to float, all fused in ``crop_mirror_normalize``
+   (a flip commutes with every op above, so doing it last is exact).
+"""
+
+from __future__ import annotations
+
+from nvidia.dali import fn, types
+
+from .spec import ViewSpec
+
+INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR,
+          "nearest": types.INTERP_NN}
+COINS = ("flip", "jitter", "grayscale", "blur", "solarize")
+"""Names of the per-sample coin flips, in the order ``augment_view`` returns them."""
+
+SOLARIZE_LUT = [v if v < 128 else 255 - v for v in range(256)]
+
+
+def random_crop(images, spec: ViewSpec):
+    """Random resized crop of an already decoded uint8 HWC batch to spec.size²."""
+    return fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
+                                  random_aspect_ratio=list(spec.ratio),
+                                  interp_type=INTERP[spec.interp], antialias=True)
+
+
+def random_crop_decode(jpegs, spec: ViewSpec, decode_device: str):
+    """Decode only a random crop window of each JPEG (ROI decode), then resize to size²."""
+    crops = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
+                                          random_area=list(spec.scale),
+                                          random_aspect_ratio=list(spec.ratio))
+    return fn.resize(crops, size=[spec.size, spec.size], interp_type=INTERP[spec.interp],
+                     antialias=True)
+
+
+def _coin(p: float):
+    # Always drawn, even for p in {0, 1}, so the RNG graph (and hence every other
+    # random draw) does not depend on the probabilities.
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def augment_view(view, spec: ViewSpec):
+    """Colour/blur/solarize/flip/normalize one cropped uint8 HWC view batch.
+
+    Returns ``(float32 HWC view normalized with spec.mean/std, coins)`` where ``coins``
+    is a list of five int32 per-sample 0/1 flags in ``COINS`` order (debug output).
+    """
+    flip, jitter, gray, blur, solar = (_coin(p) for p in (spec.flip_p, spec.jitter_p,
+                                                          spec.grayscale_p, spec.blur_p,
+                                                          spec.solarize_p))
+    # A Python-level check skips the split entirely when p is 0 or 1.
+    if spec.jitter_p == 1.0:
+        view = _color_jitter(view, spec)
+    elif spec.jitter_p > 0.0:
+        if jitter:
+            view = _color_jitter(view, spec)
+    if spec.grayscale_p == 1.0:
+        view = fn.color_twist(view, saturation=0.0)
+    elif spec.grayscale_p > 0.0:
+        if gray:
+            view = fn.color_twist(view, saturation=0.0)
+    if spec.blur_p == 1.0:
+        view = _blur(view, spec)
+    elif spec.blur_p > 0.0:
+        if blur:
+            view = _blur(view, spec)
+    if spec.solarize_p == 1.0:
+        view = fn.lookup_table(view, keys=list(range(256)), values=SOLARIZE_LUT, dtype=types.UINT8)
+    elif spec.solarize_p > 0.0:
+        if solar:
+            view = fn.lookup_table(view, keys=list(range(256)), values=SOLARIZE_LUT,
+                                   dtype=types.UINT8)
+    out = fn.crop_mirror_normalize(view, mirror=fn.cast(flip, dtype=types.INT32), dtype=types.FLOAT,
+                                   output_layout="HWC", mean=[255.0 * m for m in spec.mean],
+                                   std=[255.0 * s for s in spec.std])
+    coins = [fn.cast(c, dtype=types.INT32) for c in (flip, jitter, gray, blur, solar)]
+    return out, coins
+
+
+def _color_jitter(view, spec: ViewSpec):
+    # torchvision draws brightness/contrast/saturation factors from [max(0, 1-s), 1+s].
+    b = fn.random.uniform(range=[max(0.0, 1 - spec.brightness), 1 + spec.brightness])
+    c = fn.random.uniform(range=[max(0.0, 1 - spec.contrast), 1 + spec.contrast])
+    s = fn.random.uniform(range=[max(0.0, 1 - spec.saturation), 1 + spec.saturation])
+    h = fn.random.uniform(range=[-360.0 * spec.hue, 360.0 * spec.hue])  # turns -> degrees
+    return fn.color_twist(view, brightness=b, contrast=c, saturation=s, hue=h)
+
+
+def _blur(view, spec: ViewSpec):
+    # Only sigma is given, so DALI sizes the kernel 2*ceil(3*sigma)+1 per sample.
+    sigma = fn.random.uniform(range=list(spec.blur_sigma))
+    return fn.gaussian_blur(view, sigma=sigma)

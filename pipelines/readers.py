@@ -1,0 +1,129 @@
+"""Where encoded images come from: an ImageFolder file list or WebDataset tar shards.
+
+A source knows its size, a fingerprint (so a checkpoint taken on one dataset is refused
+on another) and how to create its DALI reader for one shard. Every reader is created
+with ``pad_last_batch=True`` (each rank's shard is padded to whole batches, so ranks
+never wait on each other at an epoch's end) and ``stick_to_shard=False`` (shards rotate
+across epochs, so every rank sees the whole dataset over ``num_shards`` epochs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from nvidia.dali import fn, types
+
+FILELIST = "filelist.txt"
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+SHUFFLE_BUFFER = 1024  # DALI's default initial_fill: samples shuffled together
+
+
+def _common(shard_id: int, num_shards: int, seed: int, name: str, n: int) -> dict:
+    return dict(shard_id=shard_id, num_shards=num_shards, seed=seed, name=name,
+                random_shuffle=True, initial_fill=max(1, min(SHUFFLE_BUFFER, n // num_shards)),
+                pad_last_batch=True, stick_to_shard=False)
+
+
+class FolderSource:
+    """An ImageFolder root read through its validated ``ROOT/filelist.txt``.
+
+    The list ("relative/path label" per line) is written by ``bt-fast data check ROOT``,
+    which decodes every file first: DALI cannot skip a corrupt JPEG mid-epoch.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        listing = self.root / FILELIST
+        if not listing.is_file():
+            raise FileNotFoundError(f"{listing} not found: run `bt-fast data check {self.root}` "
+                                    "to validate the images and write it")
+        text = listing.read_bytes()
+        self.paths, self.labels = [], []
+        for n, line in enumerate(text.decode().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                path, label = line.rsplit(" ", 1)
+                self.labels.append(int(label))
+            except ValueError:
+                raise ValueError(f"{listing}:{n}: expected 'relative/path label', got {line!r}") from None
+            self.paths.append(path)
+        if not self.paths:
+            raise ValueError(f"{listing} lists no images")
+        self._sha = hashlib.sha256(text).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> dict:
+        """What identifies the data: kind, image count, hash of the file list."""
+        return {"kind": "folder", "count": len(self), "sha256": self._sha}
+
+    def reader(self, *, shard_id: int, num_shards: int, seed: int, name: str):
+        """(encoded images, int32 labels) DALI nodes for one shard."""
+        # The checked list is sorted by class and DALI shards are contiguous slices of
+        # it, so shuffle once (same order on every rank: it depends on seed only).
+        order = np.random.default_rng(seed).permutation(len(self))
+        files = [str(self.root / self.paths[i]) for i in order]
+        labels = [self.labels[i] for i in order]
+        return fn.readers.file(files=files, labels=labels,
+                               **_common(shard_id, num_shards, seed, name, len(self)))
+
+
+class WebDatasetSource:
+    """WebDataset tar shards: members ``KEY.jpg`` (or .jpeg/.png) and ``KEY.cls``.
+
+    ``.cls`` holds the label as decimal ASCII (the WebDataset convention; trailing
+    whitespace is fine). The shards are scanned once at construction to count samples.
+    """
+
+    def __init__(self, paths: list[str | os.PathLike], *, label_ext: str = "cls", max_label_digits: int = 9):
+        self.paths = [str(p) for p in paths]
+        if not self.paths:
+            raise ValueError("WebDatasetSource needs at least one .tar shard")
+        self.label_ext, self.digits = label_ext, max_label_digits
+        digest, count = hashlib.sha256(), 0
+        for p in self.paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{p}: WebDataset shard not found")
+            with tarfile.open(p) as tar:
+                for m in tar:
+                    base = os.path.basename(m.name)
+                    key, _, ext = base.partition(".")
+                    digest.update(f"{key}.{ext}:{m.size}\n".encode())
+                    count += ext.lower() in IMAGE_EXTS
+        if count == 0:
+            raise ValueError(f"no .jpg/.jpeg/.png members in {self.paths}")
+        self.count, self._sha = count, digest.hexdigest()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def fingerprint(self) -> dict:
+        """What identifies the data: kind, sample count, hash of member names and sizes."""
+        return {"kind": "webdataset", "count": self.count, "sha256": self._sha}
+
+    def reader(self, *, shard_id: int, num_shards: int, seed: int, name: str):
+        """(encoded images, int32 labels) DALI nodes for one shard."""
+        images, raw = fn.readers.webdataset(paths=self.paths, ext=[";".join(IMAGE_EXTS), self.label_ext],
+                                            dtypes=[types.UINT8, types.UINT8],
+                                            **_common(shard_id, num_shards, seed, name, self.count))
+        return images, self._parse_label(raw)
+
+    def _parse_label(self, raw):
+        # raw: uint8 [n] ASCII digits, maybe followed by whitespace. Pad to L digits:
+        # sum(d_i * 10^(L-1-i)) = label * 10^(L-n), then divide by 10^(L-n).
+        L = self.digits
+        code = fn.cast(raw, dtype=types.INT64)
+        is_digit = (code >= 48) & (code <= 57)
+        digits = fn.pad((code - 48) * is_digit, shape=[L], fill_value=0)
+        weights = types.Constant(np.array([10 ** (L - 1 - i) for i in range(L)], np.int64))
+        scaled = fn.reductions.sum(digits * weights)
+        n = fn.reductions.sum(fn.cast(is_digit, dtype=types.INT64))
+        scale = fn.lookup_table(L - n, keys=list(range(L + 1)), values=[float(10 ** k) for k in range(L + 1)],
+                                dtype=types.INT64)
+        return fn.cast(scaled // scale, dtype=types.INT32)
