@@ -83,8 +83,9 @@ def _is_valid_image(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def check_folder(root: Path, out=sys.stdout) -> int:
+def check_folder(root: Path, out=None) -> int:
     """Decode every image under an ImageFolder root; write the good list; count bad."""
+    out = out or sys.stdout
     entries, classes = _scan(root)
     good, bad = [], 0
     for i, (rel, y) in enumerate(entries):
@@ -101,7 +102,7 @@ def check_folder(root: Path, out=sys.stdout) -> int:
     return bad
 
 
-def check(path: str | Path, out=sys.stdout) -> int:
+def check(path: str | Path, out=None) -> int:
     """Check ROOT, or ROOT/train and ROOT/val when present. Returns the bad count."""
     path = Path(path)
     if not path.is_dir():
