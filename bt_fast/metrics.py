@@ -277,7 +277,7 @@ class PrometheusSink(Sink):
         self.gauges = {key: pc.Gauge(f"bt_train_{key}", doc, r, registry=reg) for key, doc in (
             ("loss", "Barlow Twins loss at the last log."),
             ("loss_on_diag", "Invariance term: sum_i (1 - c_ii)^2."),
-            ("loss_off_diag", "Redundancy term: lambda * sum_{i!=j} c_ij^2."),
+            ("loss_off_diag", "Redundancy term, unweighted: sum_{i!=j} c_ij^2 (loss = on + lambd * off)."),
             ("epoch", "Current (fractional) epoch."),
             ("step", "Current optimizer step."))}
         self.lr = pc.Gauge("bt_train_lr", "Learning rate per parameter group.", r + ["group"], registry=reg)
