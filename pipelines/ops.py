@@ -72,45 +72,77 @@ def augment_view(view, spec: ViewSpec):
     flip, jitter, gray, blur, solar = (_coin(p) for p in (spec.flip_p, spec.jitter_p,
                                                           spec.grayscale_p, spec.blur_p,
                                                           spec.solarize_p))
-    # A Python-level check skips the split entirely when p is 0 or 1.
+    # ``if coin:`` splits the batch (only the chosen samples run the op); a Python-level
+    # check on p skips the split entirely when p is 0 or 1.
     if spec.jitter_p == 1.0:
-        view = _color_jitter(view, spec)
+        view = _random_jitter(view, spec)
     elif spec.jitter_p > 0.0:
         if jitter:
-            view = _color_jitter(view, spec)
+            view = _random_jitter(view, spec)
     if spec.grayscale_p == 1.0:
-        view = fn.color_twist(view, saturation=0.0)
+        view = grayscale(view)
     elif spec.grayscale_p > 0.0:
         if gray:
-            view = fn.color_twist(view, saturation=0.0)
+            view = grayscale(view)
     if spec.blur_p == 1.0:
-        view = _blur(view, spec)
+        view = gaussian_blur(view, fn.random.uniform(range=list(spec.blur_sigma)))
     elif spec.blur_p > 0.0:
         if blur:
-            view = _blur(view, spec)
+            view = gaussian_blur(view, fn.random.uniform(range=list(spec.blur_sigma)))
     if spec.solarize_p == 1.0:
-        view = fn.lookup_table(view, keys=list(range(256)), values=SOLARIZE_LUT, dtype=types.UINT8)
+        view = solarize(view)
     elif spec.solarize_p > 0.0:
         if solar:
-            view = fn.lookup_table(view, keys=list(range(256)), values=SOLARIZE_LUT,
-                                   dtype=types.UINT8)
-    out = fn.crop_mirror_normalize(view, mirror=fn.cast(flip, dtype=types.INT32), dtype=types.FLOAT,
-                                   output_layout="HWC", mean=[255.0 * m for m in spec.mean],
-                                   std=[255.0 * s for s in spec.std])
+            view = solarize(view)
+    out = flip_normalize(view, fn.cast(flip, dtype=types.INT32), spec.mean, spec.std)
     coins = [fn.cast(c, dtype=types.INT32) for c in (flip, jitter, gray, blur, solar)]
     return out, coins
 
 
-def _color_jitter(view, spec: ViewSpec):
-    # torchvision draws brightness/contrast/saturation factors from [max(0, 1-s), 1+s].
+def _random_jitter(view, spec: ViewSpec):
+    # torchvision draws brightness/contrast/saturation factors from [max(0, 1-s), 1+s]
+    # and the hue shift from [-hue, hue] turns.
     b = fn.random.uniform(range=[max(0.0, 1 - spec.brightness), 1 + spec.brightness])
     c = fn.random.uniform(range=[max(0.0, 1 - spec.contrast), 1 + spec.contrast])
     s = fn.random.uniform(range=[max(0.0, 1 - spec.saturation), 1 + spec.saturation])
-    h = fn.random.uniform(range=[-360.0 * spec.hue, 360.0 * spec.hue])  # turns -> degrees
-    return fn.color_twist(view, brightness=b, contrast=c, saturation=s, hue=h)
+    h = fn.random.uniform(range=[-spec.hue, spec.hue])
+    return color_jitter(view, brightness=b, contrast=c, saturation=s, hue=h)
 
 
-def _blur(view, spec: ViewSpec):
-    # Only sigma is given, so DALI sizes the kernel 2*ceil(3*sigma)+1 per sample.
-    sigma = fn.random.uniform(range=list(spec.blur_sigma))
+# ---- the ops with explicit parameters (scalars or per-sample nodes); the faithfulness
+# ---- tests call these with fixed values and compare them with torchvision.
+
+
+def resized_crop(images, top: float, left: float, height: float, width: float, size: int,
+                 interp: str = "bicubic"):
+    """Crop the pixel window (top, left, height, width) and resize it to size² (antialiased)."""
+    return fn.resize(images, size=[size, size], roi_start=[top, left],
+                     roi_end=[top + height, left + width], roi_relative=False,
+                     interp_type=INTERP[interp], antialias=True)
+
+
+def color_jitter(view, *, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0):
+    """One fused pass; factors as torchvision's, hue in turns (converted to degrees)."""
+    return fn.color_twist(view, brightness=brightness, contrast=contrast, saturation=saturation,
+                          hue=hue * 360.0)
+
+
+def grayscale(view):
+    """3-channel luma (0.299 R + 0.587 G + 0.114 B), like torchvision's Grayscale(3)."""
+    return fn.color_twist(view, saturation=0.0)
+
+
+def gaussian_blur(view, sigma):
+    """Only sigma is given, so DALI sizes the kernel 2*ceil(3*sigma)+1 per sample."""
     return fn.gaussian_blur(view, sigma=sigma)
+
+
+def solarize(view):
+    """Invert pixels >= 128 (uint8), by a 256-entry lookup table."""
+    return fn.lookup_table(view, keys=list(range(256)), values=SOLARIZE_LUT, dtype=types.UINT8)
+
+
+def flip_normalize(view, flip, mean, std):
+    """Horizontal flip where ``flip`` is 1, then (x/255 - mean)/std as float32 HWC."""
+    return fn.crop_mirror_normalize(view, mirror=flip, dtype=types.FLOAT, output_layout="HWC",
+                                    mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
