@@ -200,3 +200,41 @@ def test_dashboard_queries_return_data_from_fake_ranks(tmp_path):
         for p in procs:
             p.kill()
         prom.close()
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_dashboard_queries_return_data_from_a_two_rank_training_run(tmp_path):
+    """A real run: torchrun, 2 gloo ranks, smoke config, exporter on every rank."""
+    from bt_fast import data
+
+    root = data.make_synthetic(tmp_path / "data")
+    port, master = free_ports(2), free_ports(1)
+    prom = Prometheus(tmp_path, ranks=2, port=port)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(master), "-m", "bt_fast", "train",
+           "--config", str(ROOT / "configs/smoke.yaml"),
+           "--set", f"data.train_dir={root / 'train'}", "--set", f"data.val_dir={root / 'val'}",
+           "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.max_steps=60",
+           "--set", "train.log_every=2", "--set", "train.checkpoint_every=20",
+           "--set", "optim.epochs=100",
+           "--set", "metrics.prometheus=true", "--set", f"metrics.port={port}"]
+    try:
+        start = time.time()
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        end = time.time()
+        assert res.returncode == 0, res.stderr[-3000:]
+        found = check_dashboard_queries(prom, start, end)
+        assert found["sum by (rank) (rate(bt_train_images_total[$__rate_interval]))"] == 2
+        info = prom.query_range("bt_info", start, end)["data"]["result"]
+        assert sorted(s["metric"]["rank"] for s in info) == ["0", "1"]
+        assert {s["metric"]["world_size"] for s in info} == {"2"}
+        share = prom.query_range(dashboards.DATA_WAIT_SHARE.replace("$__rate_interval", RATE_WINDOW),
+                                 start, end)["data"]["result"][0]["values"]
+        assert all(0 <= float(v) <= 1 for _, v in share)
+        phases = prom.query_range("count by (phase) (bt_train_phase_duration_seconds_count)",
+                                  start, end)["data"]["result"]
+        assert {s["metric"]["phase"] for s in phases} >= {"data_wait", "forward", "backward",
+                                                          "optimizer"}
+    finally:
+        prom.close()
