@@ -1,0 +1,151 @@
+"""Every loss implementation against a float64 formula, on one process.
+
+Triton runs under TRITON_INTERPRET=1 (conftest.py) at small, odd sizes.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bt_fast.kernels import IMPLS, barlow_twins_loss, choose_impl, loss_costs, resolve_impl
+from bt_fast.kernels.normalize import normalize_pair
+from bt_fast.kernels.reference import barlow_twins_loss_reference
+
+IMPL_NAMES = ["reference", "gram", "dense"]
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-2, 1e-2)}
+
+
+def _z(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 0.5
+    z2 = 0.5 * z1 + torch.randn(n, d, generator=g, dtype=torch.float64)  # correlated views
+    return z1, z2
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def _run(impl, z1, z2, dtype, upstream=1.7, **kw):
+    a = z1.detach().to(dtype).clone().requires_grad_(True)
+    b = z2.detach().to(dtype).clone().requires_grad_(True)
+    loss = barlow_twins_loss(a, b, impl=impl, **kw)
+    (loss * upstream).backward()
+    return loss, a.grad, b.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_impl_matches_float64(impl, dtype):
+    z1, z2 = _z(37, 50)
+    want, g1_want, g2_want = _run("reference", z1, z2, torch.float64)  # fp64 oracle
+    loss, g1, g2 = _run(impl, z1, z2, dtype)
+    loss_tol, grad_tol = TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.double() - want).item() / want.item() <= loss_tol
+    assert g1.dtype == dtype and g2.dtype == dtype
+    assert _rel(g1, g1_want) <= grad_tol
+    assert _rel(g2, g2_want) <= grad_tol
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_terms_and_their_gradients(impl):
+    z1, z2 = _z(37, 50, seed=3)
+    want = barlow_twins_loss_reference(z1, z2, lambd=0.02, return_terms=True)
+    a = z1.float().requires_grad_(True)
+    got = barlow_twins_loss(a, z2.float(), lambd=0.02, impl=impl, return_terms=True)
+    for x, ref in zip(got, want):
+        assert x.dtype == torch.float32
+        assert abs(x.double() - ref).item() / ref.item() <= 1e-5
+    # the terms carry gradients of their own (metrics may detach them)
+    (g_on,) = torch.autograd.grad(got[1] * 0.3 - got[2] * 2.0, a)
+    b = z1.clone().requires_grad_(True)
+    _, on64, off64 = barlow_twins_loss_reference(b, z2, lambd=0.02, return_terms=True)
+    (g_on64,) = torch.autograd.grad(on64 * 0.3 - off64 * 2.0, b)
+    assert _rel(g_on, g_on64) <= 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_two_samples_give_no_nan(impl):
+    z1, z2 = _z(2, 5)
+    loss, g1, g2 = _run(impl, z1, z2, torch.float32)
+    assert torch.isfinite(loss) and torch.isfinite(g1).all() and torch.isfinite(g2).all()
+    const = torch.ones(2, 5, dtype=torch.float64)  # zero variance: eps keeps it finite
+    loss, g1, g2 = _run(impl, const, z2, torch.float32)
+    assert torch.isfinite(loss) and torch.isfinite(g1).all() and torch.isfinite(g2).all()
+
+
+def test_dense_kernel_across_many_tiles_and_strides():
+    """Small blocks: 4 x 4 tiles, masked edges in N and D, non-contiguous inputs."""
+    from bt_fast.kernels.dense import dense_terms
+
+    z1, z2 = _z(37, 50, seed=5)
+    a1, a2 = normalize_pair(z1, z2)
+    want = barlow_twins_loss_reference(z1, z2, return_terms=True)[1:]
+    x1 = a1.float().T.contiguous().T.requires_grad_(True)  # column-major [N, D]
+    x2 = a2.float().requires_grad_(True)
+    got = dense_terms(x1, x2, block_n=16, block_d=16)
+    for x, ref in zip(got, want):
+        assert abs(x.double() - ref).item() / ref.item() <= 1e-5
+    (got[0] + 0.7 * got[1]).backward()
+    y1, y2 = a1.detach().requires_grad_(True), a2.detach().requires_grad_(True)
+    c = y1.T @ y2 / 37
+    ((torch.diagonal(c) - 1).pow(2).sum() + 0.7 * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())).backward()
+    assert _rel(x1.grad, y1.grad) <= 1e-4 and _rel(x2.grad, y2.grad) <= 1e-4
+
+
+def test_normalization_and_gram_pass_gradcheck():
+    from bt_fast.kernels.gram import gram_terms
+
+    z1, z2 = _z(6, 4)
+    z1.requires_grad_(True), z2.requires_grad_(True)
+    torch.autograd.gradcheck(lambda a, b: normalize_pair(a, b, eps=1e-3), (z1, z2))
+    torch.autograd.gradcheck(lambda a, b: gram_terms(*normalize_pair(a, b), gather_dtype=torch.float64), (z1, z2))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any torch op produces, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("impl,makes_dxd", [("reference", True), ("dense", False), ("gram", False)])
+def test_dense_and_gram_never_allocate_a_dxd_tensor(impl, makes_dxd):
+    n, d = 20, 64  # a D x D fp32 tensor is 16 KiB, far above any [N, D] (5 KiB) or [N, N]
+    z1, z2 = _z(n, d)
+    a = z1.float().requires_grad_(True)
+    with _LargestTensor() as seen:
+        barlow_twins_loss(a, z2.float(), impl=impl).backward()
+    assert (seen.largest >= 4 * d * d) == makes_dxd, seen.largest  # the reference proves the probe works
+
+
+def test_auto_uses_the_cost_model_and_never_the_interpreter_on_cpu():
+    z = torch.zeros(256, 8192)
+    assert resolve_impl("auto", z) == "gram"  # N << D: O(N^2 D) wins
+    assert resolve_impl("auto", torch.zeros(4096, 64)) == "reference"  # N >> D: dense c is small
+    for n, d, w in [(256, 8192, 1), (2048, 8192, 4), (64, 64, 2)]:
+        impl, costs = choose_impl(n, d, w, torch.float32, "cpu")
+        assert impl != "dense" and set(costs) == {"gram", "dense", "reference", "official"}
+    impl, _ = choose_impl(256, 8192, 8, torch.bfloat16, "cuda")
+    assert impl in ("gram", "dense")
+    with pytest.raises(ValueError, match="one of"):
+        barlow_twins_loss(z[:4, :4], z[:4, :4], impl="fast")
+    assert "auto" in IMPLS
+
+
+def test_cost_model_counts_the_communication_claims():
+    """At N_global=2048, D=8192 the bf16 gather sends >= 8x fewer bytes than all-reducing c."""
+    for w in (2, 4):
+        costs = loss_costs(2048, 8192, w, torch.bfloat16)
+        official = loss_costs(2048, 8192, w, torch.float32)["official"].sent_bytes
+        assert official / costs["gram"].sent_bytes >= 7.9
+    assert loss_costs(256, 8192, 1)["gram"].sent_bytes == 0
