@@ -102,11 +102,16 @@ def augment_view(view, spec: ViewSpec):
 def _random_jitter(view, spec: ViewSpec):
     # torchvision draws brightness/contrast/saturation factors from [max(0, 1-s), 1+s]
     # and the hue shift from [-hue, hue] turns.
-    b = fn.random.uniform(range=[max(0.0, 1 - spec.brightness), 1 + spec.brightness])
-    c = fn.random.uniform(range=[max(0.0, 1 - spec.contrast), 1 + spec.contrast])
-    s = fn.random.uniform(range=[max(0.0, 1 - spec.saturation), 1 + spec.saturation])
-    h = fn.random.uniform(range=[-spec.hue, spec.hue])
+    b = _uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness)
+    c = _uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
+    s = _uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation)
+    h = _uniform(-spec.hue, spec.hue)
     return color_jitter(view, brightness=b, contrast=c, saturation=s, hue=h)
+
+
+def _uniform(lo: float, hi: float):
+    # A strength of 0 is a constant (DALI rejects an empty range, e.g. hue 0 on grayscale data).
+    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
 
 
 # ---- the ops with explicit parameters (scalars or per-sample nodes); the faithfulness
