@@ -45,5 +45,6 @@ def all_gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = x.new_empty((w * x.shape[0],) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+    gather(out, x, group=group)
     return out

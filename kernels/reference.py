@@ -55,6 +55,19 @@ class _GatherRows(torch.autograd.Function):
         return grad[start : start + ctx.n_local], None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients too (what SyncBatchNorm's stats do)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return collectives.all_reduce_sum_(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return collectives.all_reduce_sum_(grad.clone(), ctx.group), None
+
+
 def batch_normalize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """Each column to zero mean and unit (biased) variance; eps inside the sqrt."""
     mean = z.mean(dim=0)
@@ -95,9 +108,7 @@ def official_loss(z1, z2, *, lambd=0.0051, eps=1e-5, group=None):
         z = z.float()
         if w == 1:
             return batch_normalize(z, eps)
-        from torch.distributed.nn.functional import all_reduce
-
-        sums = all_reduce(torch.cat([z.sum(0), z.pow(2).sum(0)]), group=group)
+        sums = _AllReduceSum.apply(torch.cat([z.sum(0), z.pow(2).sum(0)]), group)
         mean, sq = sums.chunk(2)
         mean, var = mean / n, sq / n - (mean / n) ** 2
         return (z - mean) / torch.sqrt(var + eps)

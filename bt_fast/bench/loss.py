@@ -1,0 +1,288 @@
+"""``bt-fast bench loss [--json]``: each loss implementation against the official formulation.
+
+Three measurements, side by side in one run on the same cores:
+
+1. time of forward+backward and peak extra memory (torch's profiler, every allocation
+   during the step) of each impl and of the official formulation (dense c, off-diagonal
+   copy), for N x D in ``--sizes``;
+2. bytes communicated per step for world sizes ``--worlds``, counted by wrapping the
+   torch.distributed collectives that the loss actually issues under gloo (W spawned
+   processes, one fwd+bwd each), next to the cost model's prediction;
+3. the choice ``impl="auto"`` makes for each size, with the model's numbers.
+
+On a CPU the Triton kernels only run in the interpreter (a correctness twin), so
+``dense`` is timed only on a GPU or when asked for with ``--impls``. Its collectives
+are those of ``gram`` (shared code: normalization + one all-gather).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from bt_fast.kernels import barlow_twins_loss, choose_impl, loss_costs, official_loss
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sizes", default="256x2048,256x8192,2048x2048,2048x8192",
+                        help="comma-separated NxD global batch x embedding width to time")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated impls to time (default: reference,gram, plus dense on GPU)")
+    parser.add_argument("--comm-sizes", default="2048x8192",
+                        help="NxD (global batch) at which to count communicated bytes; '' to skip")
+    parser.add_argument("--worlds", default="2,4", help="world sizes for the byte count")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="repeat each timing at least this long")
+
+
+# ---------------------------------------------------------------- collectives tally
+
+_RING = {  # bytes one rank sends, for ring algorithms (gloo/NCCL on large messages)
+    "all_reduce": lambda t, w: 2 * (w - 1) / w * _nbytes(t),
+    "all_gather_into_tensor": lambda t, w: (w - 1) * _nbytes(t),
+    "all_gather_single": lambda t, w: (w - 1) * _nbytes(t),
+    "all_gather": lambda t, w: (w - 1) * _nbytes(t),
+    "broadcast": lambda t, w: _nbytes(t),
+    "reduce_scatter_tensor": lambda t, w: (w - 1) / w * _nbytes(t),
+}
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+class CollectiveTally:
+    """Context manager that counts every collective torch.distributed issues inside it.
+
+    ``calls`` holds (phase, name, tensor bytes, bytes sent per rank); set ``phase`` to
+    label calls (e.g. "forward", "backward"). The tensor counted is the one each rank
+    contributes (the input of an all-gather, the buffer of an all-reduce).
+    """
+
+    def __init__(self):
+        self.calls, self.phase, self._saved = [], "", {}
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            w = dist.get_world_size(kwargs.get("group"))
+            t = args[1] if name.startswith(("all_gather", "reduce_scatter")) else args[0]
+            self.calls.append((self.phase, name, _nbytes(t), _RING[name](t, w)))
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __enter__(self):
+        for name in _RING:
+            if not hasattr(dist, name):
+                continue
+            self._saved[name] = getattr(dist, name)
+            setattr(dist, name, self._wrap(name, self._saved[name]))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    def total(self, field: int = 3, phase: str | None = None) -> float:
+        return sum(c[field] for c in self.calls if phase is None or c[0] == phase)
+
+
+# ---------------------------------------------------------------- time and memory
+
+def _loss_fn(impl: str):
+    if impl == "official":
+        return lambda z1, z2: official_loss(z1, z2)
+    return lambda z1, z2: barlow_twins_loss(z1, z2, impl=impl)
+
+
+def _step(fn, z1, z2) -> None:
+    z1.grad = z2.grad = None
+    fn(z1, z2).backward()
+
+
+def _peak_bytes(fn, z1, z2) -> int:
+    """Peak of live bytes allocated during one fwd+bwd (inputs excluded, their grads included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    z1.grad = z2.grad = None  # freed before profiling starts
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _step(fn, z1, z2)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _peak_bytes_cuda(fn, z1, z2) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _step(fn, z1, z2)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _time(fn, z1, z2, min_seconds: float) -> float:
+    """Median seconds per fwd+bwd; at least one run, repeated up to min_seconds."""
+    sync = torch.cuda.synchronize if z1.is_cuda else (lambda: None)
+    times = []
+    while not times or (sum(times) < min_seconds and len(times) < 20):
+        sync()
+        t0 = time.perf_counter()
+        _step(fn, z1, z2)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_size(n: int, d: int, impls: list[str], device: str, min_seconds: float) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    z1 = torch.randn(n, d, device=device, generator=g).requires_grad_(True)
+    z2 = torch.randn(n, d, device=device, generator=g).requires_grad_(True)
+    rows = {}
+    for impl in ["official"] + impls:
+        fn = _loss_fn(impl)
+        peak_fn = _peak_bytes_cuda if device == "cuda" else _peak_bytes
+        peak = peak_fn(fn, z1, z2)  # doubles as the warm-up run
+        rows[impl] = {"seconds": _time(fn, z1, z2, min_seconds), "peak_bytes": peak}
+    base = rows["official"]
+    for row in rows.values():
+        row["speedup_vs_official"] = base["seconds"] / row["seconds"]
+        row["memory_ratio_vs_official"] = base["peak_bytes"] / max(row["peak_bytes"], 1)
+    auto, costs = choose_impl(n, d, 1, torch.float32, device)
+    return {"n": n, "d": d, "auto": auto, "model_seconds": {k: v.seconds for k, v in costs.items()}, "impls": rows}
+
+
+# ---------------------------------------------------------------- bytes communicated
+
+COMM_CASES = [  # (label, impl, input dtype)
+    ("official", "official", torch.float32),
+    ("gram_fp32", "gram", torch.float32),
+    ("gram_bf16", "gram", torch.bfloat16),
+]
+
+
+def _comm_worker(rank: int, world: int, port: int, sizes, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = []
+        for n_global, d in sizes:
+            n = n_global // world
+            for label, impl, dtype in COMM_CASES:
+                g = torch.Generator().manual_seed(rank)
+                z1 = torch.randn(n, d, generator=g).to(dtype).requires_grad_(True)
+                z2 = torch.randn(n, d, generator=g).to(dtype).requires_grad_(True)
+                with CollectiveTally() as tally:
+                    tally.phase = "forward"
+                    loss = _loss_fn(impl)(z1, z2)
+                    tally.phase = "backward"
+                    loss.backward()
+                model = loss_costs(n_global, d, world, dtype)[impl].sent_bytes
+                results.append({"world_size": world, "n_global": n_global, "d": d, "case": label,
+                                "collectives": [c[:3] for c in tally.calls], "tensor_bytes": tally.total(2),
+                                "sent_bytes": tally.total(3), "sent_bytes_backward": tally.total(3, "backward"),
+                                "model_sent_bytes": model})
+                del z1, z2, loss
+        if rank == 0:
+            with open(os.path.join(out_dir, f"w{world}.json"), "w") as f:
+                json.dump(results, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(target: str, world: int, *args, timeout: float = 1800) -> None:
+    """Run ``target(rank, world, port, *args)`` in ``world`` fresh Python processes (gloo).
+
+    Plain subprocesses rather than multiprocessing's spawn, which re-runs the parent's
+    __main__ (``python -m bt_fast`` has no main guard). ``target`` is "module:function".
+    """
+    module, func = target.split(":")
+    port = free_port()
+    code = f"import json, sys; from {module} import {func} as f; f(*json.loads(sys.argv[1]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps([rank, world, port, *args])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(world)]
+    failed = []
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            failed.append(f"rank {rank} exited {proc.returncode}:\n{err[-3000:]}")
+    if failed:
+        raise RuntimeError("\n".join(failed))
+
+
+def bench_comm(sizes, worlds) -> list[dict]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in worlds:
+            run_workers("bt_fast.bench.loss:_comm_worker", world, sizes, tmp)
+            with open(os.path.join(tmp, f"w{world}.json")) as f:
+                out.extend(json.load(f))
+    for row in out:
+        base = next(r for r in out if r["case"] == "official" and r["world_size"] == row["world_size"]
+                    and (r["n_global"], r["d"]) == (row["n_global"], row["d"]))
+        row["fewer_bytes_vs_official"] = base["sent_bytes"] / max(row["sent_bytes"], 1)
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+
+def _parse_sizes(text: str):
+    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
+
+
+def run(args) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        sizes, comm_sizes = _parse_sizes(args.sizes), _parse_sizes(args.comm_sizes)
+        worlds = [int(w) for w in args.worlds.split(",") if w.strip()]
+    except ValueError:
+        print("bench loss: --sizes/--comm-sizes take NxD,NxD... and --worlds W,W...")
+        return 2
+    impls = args.impls.split(",") if args.impls else (["reference", "gram"] + (["dense"] if device == "cuda" else []))
+    report = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "note": ("cpu: torch paths timed; dense (Triton) runs only in the interpreter here and is not timed"
+                 if device == "cpu" else "cuda: Triton kernels timed"),
+        "timing": [bench_size(n, d, impls, device, args.min_seconds) for n, d in sizes],
+        "comm": bench_comm(comm_sizes, worlds) if comm_sizes and worlds else [],
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    print(f"device={report['device']} threads={report['threads']}  ({report['note']})")
+    for row in report["timing"]:
+        print(f"N={row['n']} D={row['d']}  auto -> {row['auto']}")
+        for impl, r in row["impls"].items():
+            print(f"  {impl:10s} {r['seconds'] * 1e3:10.1f} ms  {r['peak_bytes'] / 2**20:9.1f} MiB"
+                  f"  x{r['speedup_vs_official']:.1f} faster  x{r['memory_ratio_vs_official']:.1f} less memory")
+    for row in report["comm"]:
+        print(f"W={row['world_size']} N={row['n_global']} D={row['d']} {row['case']:10s}"
+              f" sent {row['sent_bytes'] / 2**20:9.2f} MiB/rank (model {row['model_sent_bytes'] / 2**20:.2f})"
+              f"  x{row['fewer_bytes_vs_official']:.1f} fewer")
