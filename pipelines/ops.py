@@ -143,7 +143,8 @@ def color_jitter(view, *, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0)
     y = _luma(r, g, b)
     r, g, b = (dmath.clamp(saturation * c + (1.0 - saturation) * y, 0.0, 255.0) for c in (r, g, b))
     r, g, b = _hsv_hue_shift(r, g, b, hue)
-    return fn.cast(fn.stack(r, g, b, axis=2), dtype=types.UINT8)
+    out = fn.cast(fn.stack(r, g, b, axis=2), dtype=types.UINT8)
+    return fn.reshape(out, layout="HWC")  # stack drops the layout; branches must agree
 
 
 def _luma(r, g, b):
