@@ -235,9 +235,16 @@ class StopFlag:
         return result
 
     def restore(self) -> None:
-        """Drain the last reduce and put the previous signal handlers back."""
+        """Drain the last reduce and put the previous signal handlers back.
+
+        Safe on error paths too: every rank started that reduce, so it completes unless a
+        peer died, and then its error is not the one worth reporting.
+        """
         if self.pending is not None:
-            self.pending[0].wait()
+            try:
+                self.pending[0].wait()
+            except Exception:  # noqa: BLE001 - a dead peer; the caller's error matters
+                pass
             self.pending = None
         for s, h in self._previous.items():
             signal.signal(s, h)

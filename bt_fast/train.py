@@ -195,8 +195,11 @@ def train(run: Run) -> None:
     timer = metrics.StepTimer(env.device)
     nonfinite = torch.zeros((), dtype=torch.int32, device=env.device)
     t_window, window = time.perf_counter(), 0
+    # SIGTERM on any rank (torchrun, SLURM or `docker stop` forwarding it): all ranks stop
+    # after the same step, write one checkpoint together and exit 0.
+    stop, stopping = dist.StopFlag(env), False
     try:
-        while run.step < run.last_step:
+        while run.step < run.last_step and not stopping:
             timer.start()
             for views, _labels in run.loader:
                 timer.mark("data_wait")
@@ -206,18 +209,23 @@ def train(run: Run) -> None:
                 nonfinite += out["nonfinite"]
                 run.step += 1
                 window += 1
+                stopping = stop.should_stop()  # collective on every rank; one int, CPU
                 if run.step % cfg.train.log_every == 0 or run.step == run.last_step:
                     out["nonfinite_window"] = nonfinite
                     log_window(run, logger, out, timer, lrs, window, time.perf_counter() - t_window)
                     nonfinite.zero_()
                     t_window, window = time.perf_counter(), 0
                 every = cfg.train.checkpoint_every
-                if (every and run.step % every == 0) or run.step == run.last_step:
+                if (every and run.step % every == 0) or run.step == run.last_step or stopping:
                     save_checkpoint(run, logger)
-                if run.step >= run.last_step:
+                if run.step >= run.last_step or stopping:
                     break
                 timer.start()
+        if stopping:
+            print(f"bt-fast train: rank {env.rank} stopped by signal at step {run.step}; "
+                  "checkpoint written", file=sys.stderr)
     finally:
+        stop.restore()
         logger.close()
 
 
