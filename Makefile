@@ -21,7 +21,7 @@ RUN_DIR ?= $(shell sed -n 's/^  run_dir: *//p' $(CONFIG) 2>/dev/null | head -1)
 CHECKPOINT ?= $(RUN_DIR)/checkpoints/last.pt
 SET ?=
 
-.PHONY: setup train test bench eval lint data clean-runs
+.PHONY: setup train test bench eval lint data clean-runs docker-build docker-config docker-down
 .DEFAULT_GOAL := train
 
 setup: $(STAMP)
@@ -41,12 +41,52 @@ $(STAMP): pyproject.toml requirements.txt
 data: setup
 	$(BT) data fashion-mnist --out $(FMNIST_DIR)
 
+# Launch: NODES x GPUS processes, one torchrun command line (scripts/train.sh) everywhere.
+#   make train NODES=4 GPUS=8 CONFIG=...   Docker (default once NODES is given): generated
+#                                          compose file, 4 trainer services + dashboards
+#   make train NODES=4 GPUS=8 LAUNCHER=torchrun RDZV_HOST=node0   run on each of the 4 nodes
+#   make train NODES=2 GPUS=8 NETWORK=host NODE=k RDZV_HOST=...   Docker, one machine per node
+NODES ?= 1
+GPUS ?= 1
+LAUNCHER ?= $(if $(filter command line environment,$(origin NODES)),docker,local)
+RDZV_HOST ?=
+MAX_RESTARTS ?= 3
+IMAGE ?= bt-fast:latest
+NETWORK ?= bridge
+NODE ?=
+COMPOSE_DIR ?= build/docker
+COMPOSE = docker compose -f $(COMPOSE_DIR)/compose.yaml
+TRAINERS = $(if $(NODE),node$(NODE),$(addprefix node,$(shell seq 0 $$(($(NODES) - 1)))))
+TORCHRUN_ENV = NODES=$(NODES) GPUS=$(GPUS) CONFIG=$(CONFIG) RDZV_HOST=$(RDZV_HOST) \
+	MAX_RESTARTS=$(MAX_RESTARTS) TORCHRUN=$(BIN)/torchrun
+
 train: setup
+ifeq ($(LAUNCHER),docker)
+	$(BIN)/python -m bt_fast.launch --nodes $(NODES) --gpus $(GPUS) --config $(CONFIG) \
+	  --image $(IMAGE) --network $(NETWORK) --max-restarts $(MAX_RESTARTS) --out $(COMPOSE_DIR) \
+	  $(if $(RDZV_HOST),--rdzv-host $(RDZV_HOST)) $(foreach s,$(SET),--set $(s))
+	BT_UID=$$(id -u) BT_GID=$$(id -g) $(COMPOSE) build $(firstword $(TRAINERS))
+	$(COMPOSE) up --detach $(if $(NODE),node$(NODE) dcgm$(NODE))
+	$(COMPOSE) wait $(TRAINERS)
+else ifeq ($(LAUNCHER),torchrun)
+	$(TORCHRUN_ENV) scripts/train.sh $(foreach s,$(SET),--set $(s))
+else
 	@if grep -q "$(FMNIST_DIR)" $(CONFIG); then $(BT) data fashion-mnist --out $(FMNIST_DIR); fi
-	$(BT) train --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+	$(if $(filter 1,$(GPUS)),$(BT) train --config $(CONFIG),$(TORCHRUN_ENV) scripts/train.sh) $(foreach s,$(SET),--set $(s))
 	@echo "== kNN accuracy of the frozen backbone on the val split"
 	$(BT) eval knn --checkpoint $(CHECKPOINT)
 	$(BT) eval knn --checkpoint $(CHECKPOINT) --random-init
+endif
+
+docker-build:
+	docker build -f docker/Dockerfile -t $(IMAGE) --build-arg UID=$$(id -u) --build-arg GID=$$(id -g) .
+
+docker-config:
+	$(BIN)/python -m bt_fast.launch --nodes $(NODES) --gpus $(GPUS) --config $(CONFIG) --out $(COMPOSE_DIR)
+	$(COMPOSE) config --quiet
+
+docker-down:
+	$(COMPOSE) down
 
 test: setup
 	$(BIN)/pytest -q tests

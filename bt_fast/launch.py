@@ -90,7 +90,9 @@ def trainer(node: int, *, nodes: int, gpus: int, image: str, config: str, networ
     command = ["scripts/train.sh"] + [a for s in sets for a in ("--set", s)]
     svc = {
         "image": image,
-        "build": {"context": context, "dockerfile": "docker/Dockerfile"},
+        # Host uid/gid for the non-root user (the Makefile exports them), so runs/ stays yours.
+        "build": {"context": context, "dockerfile": "docker/Dockerfile",
+                  "args": {"UID": "${BT_UID:-1000}", "GID": "${BT_GID:-1000}"}},
         "command": command,
         "environment": {
             "NODES": str(nodes), "GPUS": str(gpus), "CONFIG": config,

@@ -119,3 +119,31 @@ def test_slurm_script_runs_train_sh_on_every_node():
     text = (REPO / "scripts" / "slurm.sh").read_text()
     assert "srun" in text and "scripts/train.sh" in text and "--signal=TERM@" in text
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "slurm.sh")]).returncode == 0
+
+
+def _make_n(*args: str) -> list[str]:
+    """`make -n train ...`: the commands make would run, continuation lines joined."""
+    proc = subprocess.run(["make", "-n", "train", *args], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    return proc.stdout.replace("\\\n", " ").splitlines()
+
+
+def test_make_n_train_nodes4_shows_docker_launch(tmp_path):
+    lines = _make_n("NODES=4", "GPUS=8", "CONFIG=configs/smoke.yaml", f"COMPOSE_DIR={tmp_path}")
+    (gen,) = [l for l in lines if "-m bt_fast.launch" in l]
+    assert "--nodes 4 --gpus 8" in gen and "--config configs/smoke.yaml" in gen
+    assert any(re.search(r"docker compose -f \S+ up --detach", l) for l in lines)
+    assert any(l.endswith("wait node0 node1 node2 node3") for l in lines)
+    # The printed generator command works and yields the 4-node compose file.
+    subprocess.run(["bash", "-c", gen], cwd=REPO, check=True, capture_output=True)
+    doc = yaml.safe_load((tmp_path / "compose.yaml").read_text())
+    assert list(_trainers(doc)) == ["node0", "node1", "node2", "node3"]
+
+
+def test_make_n_train_torchrun_shows_the_same_command_line():
+    lines = _make_n("NODES=4", "GPUS=8", "LAUNCHER=torchrun", "RDZV_HOST=node0",
+                    "CONFIG=configs/smoke.yaml")
+    (launch_line,) = [l for l in lines if "scripts/train.sh" in l]
+    echoed = subprocess.run(["bash", "-c", re.sub(r"TORCHRUN=\S+", "TORCHRUN=echo", launch_line)],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert {"--nnodes=4", "--nproc-per-node=8", "--rdzv-endpoint=node0:29500"} <= set(echoed)
