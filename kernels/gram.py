@@ -78,8 +78,8 @@ class GramTerms(torch.autograd.Function):
         g_off = A.new_zeros(()) if g_off is None else g_off.to(A.dtype)
         w = (2 * g_on) * (c_diag - 1) - (2 * g_off) * c_diag  # [D]
         scale = (2 * g_off) / (N * N)
-        da = torch.addcmul(scale * (GB_r @ A), B[r0 : r0 + n], w / N)  # [n, D]
-        db = torch.addcmul(scale * (GA_r @ B), A[r0 : r0 + n], w / N)  # [n, D]
+        da = (GB_r @ A).mul_(scale).addcmul_(B[r0 : r0 + n], w / N)  # [n, D]
+        db = (GA_r @ B).mul_(scale).addcmul_(A[r0 : r0 + n], w / N)  # [n, D]
         return da, db, None, None
 
 
