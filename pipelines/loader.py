@@ -51,7 +51,7 @@ class MultiViewLoader:
     def __init__(self, source, views: list[ViewSpec], batch_size: int, *, device: str = "cpu",
                  num_threads: int = 2, prefetch: int = 2, seed: int = 0, shard_id: int = 0,
                  num_shards: int = 1, state: dict | None = None, decode: str = "once",
-                 debug: bool = False, device_id: int | None = None):
+                 debug: bool = False, device_id: int | None = None, hue: str = "hsv"):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device={device!r}: use 'cpu' or 'gpu'")
         if not 0 <= shard_id < num_shards:
@@ -70,6 +70,7 @@ class MultiViewLoader:
             "format": STATE_FORMAT, "dataset": source.fingerprint(), "num_shards": num_shards,
             "shard_id": shard_id, "batch_size": self.batch_size, "seed": seed,
             "views": json.loads(json.dumps([dataclasses.asdict(v) for v in self.views])), "decode": decode,
+            "hue": hue,
         }
         checkpoint = None
         self.epoch, self._pos = 0, 0
@@ -81,7 +82,7 @@ class MultiViewLoader:
             device_id = torch.cuda.current_device()
         self._pipe = multiview_pipeline(
             source, self.views, shard_id=shard_id, num_shards=num_shards, reader_seed=seed,
-            device=device, decode=decode, debug=debug,
+            device=device, decode=decode, debug=debug, hue=hue,
             batch_size=self.batch_size, num_threads=num_threads, prefetch_queue_depth=prefetch,
             device_id=device_id if device == "gpu" else None, seed=rank_seed(seed, shard_id),
             enable_checkpointing=True, checkpoint=checkpoint)
@@ -145,7 +146,7 @@ class MultiViewLoader:
         names = {"format": "state format", "dataset": "dataset (image count / file-list hash)",
                  "num_shards": "number of shards (world size)", "shard_id": "shard id (rank)",
                  "batch_size": "per-rank batch size", "seed": "seed", "views": "views",
-                 "decode": "decode mode"}
+                 "decode": "decode mode", "hue": "hue implementation"}
         diffs = [f"{label}: checkpoint has {state.get(k)!r}, this loader has {self._meta[k]!r}"
                  for k, label in names.items() if state.get(k) != self._meta[k]]
         if diffs:

@@ -17,7 +17,8 @@ DECODES = ("once", "roi")
 
 @pipeline_def(enable_conditionals=True)
 def multiview_pipeline(source, views: list[ViewSpec], *, shard_id: int, num_shards: int,
-                       reader_seed: int, device: str = "cpu", decode: str = "once", debug: bool = False):
+                       reader_seed: int, device: str = "cpu", decode: str = "once", debug: bool = False,
+                       hue: str = "hsv"):
     """Outputs: one float32 HWC view per entry of ``views`` (already expanded), the
     int32 labels, then, if ``debug``, the five per-sample coins of every view.
 
@@ -37,7 +38,7 @@ def multiview_pipeline(source, views: list[ViewSpec], *, shard_id: int, num_shar
             view = ops.random_crop(images, spec)
         else:
             view = ops.random_crop_decode(jpegs, spec, decode_device)
-        view, view_coins = ops.augment_view(view, spec)
+        view, view_coins = ops.augment_view(view, spec, hue)
         outputs.append(view)
         coins.extend(view_coins)
     labels = fn.cast(labels, dtype=types.INT64)

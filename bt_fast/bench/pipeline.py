@@ -1,0 +1,132 @@
+"""``bt-fast bench pipeline [--json]``: the DALI recipe vs torchvision vs the DALI ceiling.
+
+One process, the same cores, the same ImageNet-like JPEGs (~500x375, generated smooth
+textures in a temp dir), the official Barlow Twins recipe (two 224-px views):
+
+  a    bt_fast.pipelines.MultiViewLoader, decode once, crop each view from it
+  a_roi  the same with each view decoded from its own crop window (ROI decode)
+  b    the torchvision recipe (pipelines/torchvision_recipe.py) in a torch DataLoader
+       with as many workers as cores
+  a_yiq  the same with DALI's fast YIQ hue rotation instead of the exact HSV shift
+  c    DALI decode + random resized crop + resize only (the ceiling)
+
+Prints images/s for each and the ratios a/b and a/c (targets on the CPU: >= 4, >= 0.5).
+Machines are shared and noisy: compare ratios within one run, never across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--images", type=int, default=320, help="JPEGs to generate (default 320)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--size", type=int, default=224, help="view side (default 224)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="DALI threads = DataLoader workers (default: all cores)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--skip-torchvision", action="store_true", help="skip baseline b (slow)")
+
+
+def make_jpegs(root: Path, n: int, seed: int = 0, size=(500, 375)) -> Path:
+    """n natural-ish JPEGs (smooth colour fields + texture) as an ImageFolder + filelist."""
+    rng = np.random.default_rng(seed)
+    (root / "c0").mkdir(parents=True, exist_ok=True)
+    lines = []
+    w, h = size
+    for i in range(n):
+        coarse = rng.uniform(0, 255, (rng.integers(3, 9), rng.integers(3, 9), 3)).astype(np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+        fine = rng.uniform(0, 255, (h // 8, w // 8, 3)).astype(np.uint8)
+        img += 0.25 * (np.asarray(Image.fromarray(fine).resize((w, h), Image.BILINEAR), np.float32) - 128)
+        img += rng.normal(0, 4, img.shape)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"c0/{i:05d}.jpg", quality=90)
+        lines.append(f"c0/{i:05d}.jpg 0\n")
+    (root / "filelist.txt").write_text("".join(lines))
+    return root
+
+
+def _rate(batches, batch: int, warmup: int = 1) -> float:
+    """Images/s over an iterable of batches, after ``warmup`` batches."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in it:
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def bench_dali(root: Path, args, device: str, decode: str, hue: str = "hsv") -> float:
+    from bt_fast.pipelines import FolderSource, MultiViewLoader, presets
+
+    loader = MultiViewLoader(FolderSource(root), presets.barlow_twins(args.size), args.batch,
+                             device=device, num_threads=args.threads, decode=decode, hue=hue)
+    return _rate(loader, args.batch)
+
+
+def bench_ceiling(root: Path, args, device: str) -> float:
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    from bt_fast.pipelines import FolderSource, presets
+    from bt_fast.pipelines.pipeline import READER, crop_only_pipeline
+
+    import torch
+
+    pipe = crop_only_pipeline(FolderSource(root), presets.barlow_twins(args.size), device=device,
+                              batch_size=args.batch, num_threads=args.threads, seed=0,
+                              device_id=torch.cuda.current_device() if device == "gpu" else None)
+    it = DALIGenericIterator([pipe], ["v0", "v1"], reader_name=READER,
+                             last_batch_policy=LastBatchPolicy.DROP)
+    return _rate(it, args.batch)
+
+
+def bench_torchvision(root: Path, args) -> float:
+    import torch
+
+    from bt_fast.pipelines import presets
+    from bt_fast.pipelines.torchvision_recipe import FileListDataset, MultiViewTransform
+
+    ds = FileListDataset(root, MultiViewTransform(presets.barlow_twins(args.size)))
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
+                                     num_workers=args.threads, persistent_workers=False)
+    return _rate(dl, args.batch)
+
+
+def run(args) -> int:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="bt-bench-") as tmp:
+        root = make_jpegs(Path(tmp), args.images)
+        res = {"device": device, "threads": args.threads, "images": args.images,
+               "jpeg_size": [500, 375], "batch": args.batch, "view_size": args.size,
+               "recipe": "barlow_twins (2 views)"}
+        res["c_dali_crop_only_img_s"] = bench_ceiling(root, args, device)
+        res["a_dali_recipe_img_s"] = bench_dali(root, args, device, "once")
+        res["a_roi_dali_recipe_roi_decode_img_s"] = bench_dali(root, args, device, "roi")
+        res["a_yiq_dali_recipe_fast_hue_img_s"] = bench_dali(root, args, device, "once", "yiq")
+        if not args.skip_torchvision:
+            res["b_torchvision_dataloader_img_s"] = bench_torchvision(root, args)
+            res["a_over_b"] = res["a_dali_recipe_img_s"] / res["b_torchvision_dataloader_img_s"]
+            res["a_yiq_over_b"] = res["a_yiq_dali_recipe_fast_hue_img_s"] / res["b_torchvision_dataloader_img_s"]
+        res["a_over_c"] = res["a_dali_recipe_img_s"] / res["c_dali_crop_only_img_s"]
+        res["a_yiq_over_c"] = res["a_yiq_dali_recipe_fast_hue_img_s"] / res["c_dali_crop_only_img_s"]
+        res["roi_over_once"] = res["a_roi_dali_recipe_roi_decode_img_s"] / res["a_dali_recipe_img_s"]
+    res = {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:40s} {v}")
+    return 0
