@@ -1,0 +1,14 @@
+"""bench step runs both loops side by side and reports a ratio consistent with its times."""
+
+import json
+
+from bt_fast.cli import main
+
+
+def test_bench_step_json(capsys):
+    assert main(["bench", "step", "--json", "--config", "configs/smoke.yaml", "--batch", "8", "--steps", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "step" and result["batch"] == 8
+    assert result["speedup"] > 0
+    ratio = result["bt_fast_images_per_s"] / result["plain_images_per_s"]
+    assert abs(ratio - result["speedup"]) < 1e-9 * max(1.0, ratio)
