@@ -1,1 +1,0 @@
-"""One small file per SSL objective and its view preset."""
