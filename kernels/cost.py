@@ -3,13 +3,16 @@
 Per rank, for a global batch N = W * n, embedding width D and input itemsize s:
 
     impl       flops                        extra memory (bytes)        sent per rank
-    gram       8 n N D + 2 N D              4 (2 N D + 2 n N)           G + Z
-    dense      6 N D^2 + 4 n D^2            8 tiles + 2 N D s'          G + Z
+    gram       8 n N D + 2 N D              4 (4 N D + 2 n N + 4 n D)   G + 2 (W-1)/W 4 2D
+    dense      6 N D^2 + 4 n D^2            8 tiles + 2 N D s           G + Z
     reference  6 N D^2                      16 D^2 + 8 N D              (W-1) 2 n D s
     official   6 n D^2                      16 D^2                      2 (W-1)/W 4 D^2 + Z
 
     G = (W-1) * 2 n D * s   one ring all-gather of the normalized pair (bf16 allowed)
-    Z = 2 (W-1)/W * 4 * 8D  three fp32 all-reduces of normalization (2D, 2D, 4D sums)
+    Z = 2 (W-1)/W * 4 * 8D  fp32 all-reduces of normalization: [2D], [2D] forward, [4D] backward
+    gram gathers the raw pair and takes the statistics from it, and replaces
+    normalization's backward [4D] by one forward [2D] (norms of c's rows and columns):
+    two collectives per step, none in backward.
 
 (``official`` is the official code's dense c + all-reduce, the benchmark's baseline; it
 is never picked: its gradient has the 1/W convention.) Collective costs follow the
@@ -70,7 +73,8 @@ def loss_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, 
     gather_sent = _ring_all_gather(2 * n * D * s, W)
     tiles = (D / 64) ** 2
     rows = {
-        "gram": (8 * n * N * D + 2 * N * D, 4 * (2 * N * D + 2 * n * N), 4 * 4 * (N * D + n * N), gather_sent + norm_sent),
+        "gram": (8 * n * N * D + 2 * N * D, 4 * (4 * N * D + 2 * n * N + 4 * n * D), 4 * 4 * (N * D + n * N),
+                 gather_sent + _ring_all_reduce(4 * 2 * D, W)),
         "dense": (6 * N * D * D + 4 * n * D * D, 8 * tiles + 2 * N * D * s, 3 * 2 * N * D * (D / 64) * s, gather_sent + norm_sent),
         "reference": (6 * N * D * D, 16 * D * D + 8 * N * D, 4 * 4 * D * D, _ring_all_gather(2 * n * D * s, W)),
         "official": (6 * n * D * D, 16 * D * D, 4 * 4 * D * D, _ring_all_reduce(4 * D * D, W) + norm_sent),

@@ -1,6 +1,6 @@
 """``barlow_twins_loss``: one entry point, four implementations, the official semantics.
 
-    a1, a2 = normalize over the GLOBAL batch (normalize.py: all-reduce of 2 x [2D] sums)
+    a1, a2 = normalize over the GLOBAL batch (normalize.py: 2 all-reduces of [2D] sums)
     c      = sum_ranks a1_r^T a2_r / N_global                    (never formed by dense/gram)
     loss   = sum_i (c_ii - 1)^2 + lambd * sum_{i!=j} c_ij^2      fp32 scalar
 
@@ -45,14 +45,14 @@ def barlow_twins_loss(z1, z2, *, lambd=0.0051, eps=1e-5, group=None, impl="auto"
     impl = resolve_impl(impl, z1, group)
     if impl == "reference":
         return barlow_twins_loss_reference(z1, z2, lambd=lambd, eps=eps, group=group, return_terms=return_terms)
-    a1, a2 = normalize_pair(z1, z2, eps=eps, group=group)  # [n, D] fp32 (fp64 for fp64 z)
     half = z1.dtype in (torch.float16, torch.bfloat16)
-    gather_dtype = z1.dtype if half else a1.dtype  # half inputs: half on the wire
-    if impl == "gram":
-        on_diag, off_diag = gram_terms(a1, a2, group=group, gather_dtype=gather_dtype)
+    gather_dtype = z1.dtype if half else torch.promote_types(z1.dtype, torch.float32)  # on the wire
+    if impl == "gram":  # normalization fused in: backward issues no collective
+        on_diag, off_diag = gram_terms(z1, z2, eps=eps, group=group, gather_dtype=gather_dtype)
     else:
         from bt_fast.kernels.dense import dense_terms  # imports triton (interpreter on CPU)
 
+        a1, a2 = normalize_pair(z1, z2, eps=eps, group=group)  # [n, D] fp32 (fp64 for fp64 z)
         on_diag, off_diag = dense_terms(a1.float(), a2.float(), group=group,
                                         gather_dtype=gather_dtype if half else torch.float32)
     loss = on_diag + lambd * off_diag

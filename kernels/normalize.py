@@ -26,24 +26,35 @@ import torch
 from bt_fast.kernels import collectives
 
 
+def global_normalize(z1, z2, eps: float, group):
+    """Forward only (no autograd): (a1, a2) [n, D] and inv_sigma [2D], in >= fp32."""
+    n_global = z1.shape[0] * collectives.world_size(group)
+    dtype = torch.promote_types(z1.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+    x1, x2 = z1.to(dtype), z2.to(dtype)
+    mean = collectives.all_reduce_sum_(torch.cat([x1.sum(0), x2.sum(0)]), group) / n_global
+    mean1, mean2 = mean.chunk(2)  # [D], [D]
+    x1, x2 = x1 - mean1, x2 - mean2  # new tensors: z is never modified
+    sq = torch.cat([x1.pow(2).sum(0), x2.pow(2).sum(0)])
+    var = collectives.all_reduce_sum_(sq, group) / n_global
+    inv_sigma = torch.rsqrt(var + eps)  # [2D]
+    inv1, inv2 = inv_sigma.chunk(2)
+    return x1.mul_(inv1), x2.mul_(inv2), inv_sigma
+
+
+def normalize_backward(g, a, inv_sigma, mean_g, mean_ga):
+    """d loss / d z [n, D] from g = d loss / d a and the global means of g and g * a [D]."""
+    dz = g - mean_g if mean_g is not None else g.clone()
+    return dz.addcmul_(a, mean_ga, value=-1).mul_(inv_sigma)  # one [n, D] temporary
+
+
 class GlobalBatchNorm(torch.autograd.Function):
     """(z1, z2) [n_local, D] -> (a1, a2) [n_local, D] in >= fp32, normalized over the global batch."""
 
     @staticmethod
     def forward(ctx, z1, z2, eps: float, group):
-        n_global = z1.shape[0] * collectives.world_size(group)
-        dtype = torch.promote_types(z1.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-        x1, x2 = z1.to(dtype), z2.to(dtype)
-        mean = collectives.all_reduce_sum_(torch.cat([x1.sum(0), x2.sum(0)]), group) / n_global
-        mean1, mean2 = mean.chunk(2)  # [D], [D]
-        x1, x2 = x1 - mean1, x2 - mean2  # new tensors: z is never modified
-        sq = torch.cat([x1.pow(2).sum(0), x2.pow(2).sum(0)])
-        var = collectives.all_reduce_sum_(sq, group) / n_global
-        inv_sigma = torch.rsqrt(var + eps)  # [2D]
-        inv1, inv2 = inv_sigma.chunk(2)
-        a1, a2 = x1.mul_(inv1), x2.mul_(inv2)
+        a1, a2, inv_sigma = global_normalize(z1, z2, eps, group)
         ctx.save_for_backward(a1, a2, inv_sigma)
-        ctx.n_global, ctx.group = n_global, group
+        ctx.n_global, ctx.group = z1.shape[0] * collectives.world_size(group), group
         ctx.dtypes = (z1.dtype, z2.dtype)
         return a1, a2
 
@@ -56,8 +67,8 @@ class GlobalBatchNorm(torch.autograd.Function):
         sums = collectives.all_reduce_sum_(sums, ctx.group) / ctx.n_global
         mg1, mga1, mg2, mga2 = sums.chunk(4)
         inv1, inv2 = inv_sigma.chunk(2)
-        dz1 = (g1 - mg1).addcmul_(a1, mga1, value=-1).mul_(inv1)  # one [n, D] temporary per view
-        dz2 = (g2 - mg2).addcmul_(a2, mga2, value=-1).mul_(inv2)
+        dz1 = normalize_backward(g1, a1, inv1, mg1, mga1)
+        dz2 = normalize_backward(g2, a2, inv2, mg2, mga2)
         return dz1.to(ctx.dtypes[0]), dz2.to(ctx.dtypes[1]), None, None
 
 

@@ -100,7 +100,7 @@ def test_normalization_and_gram_pass_gradcheck():
     z1, z2 = _z(6, 4)
     z1.requires_grad_(True), z2.requires_grad_(True)
     torch.autograd.gradcheck(lambda a, b: normalize_pair(a, b, eps=1e-3), (z1, z2))
-    torch.autograd.gradcheck(lambda a, b: gram_terms(*normalize_pair(a, b), gather_dtype=torch.float64), (z1, z2))
+    torch.autograd.gradcheck(lambda a, b: gram_terms(a, b, eps=1e-3), (z1, z2))
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -143,9 +143,10 @@ def test_auto_uses_the_cost_model_and_never_the_interpreter_on_cpu():
 
 
 def test_cost_model_counts_the_communication_claims():
-    """At N_global=2048, D=8192 the bf16 gather sends >= 8x fewer bytes than all-reducing c."""
+    """At N_global=2048, D=8192 the bf16 gather sends ~8x fewer bytes than all-reducing c."""
     for w in (2, 4):
         costs = loss_costs(2048, 8192, w, torch.bfloat16)
         official = loss_costs(2048, 8192, w, torch.float32)["official"].sent_bytes
-        assert official / costs["gram"].sent_bytes >= 7.9
+        # the main terms are exactly 2 D / N = 8x apart; both sides add O(D) statistics
+        assert official / costs["gram"].sent_bytes >= 7.95
     assert loss_costs(256, 8192, 1)["gram"].sent_bytes == 0
