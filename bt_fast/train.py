@@ -233,11 +233,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML recipe (sections mirror bt_fast/config.py)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable); beats the YAML file")
+    parser.add_argument("--overlay", action="append", default=[], metavar="PATH",
+                        help="YAML overlay, e.g. from `bt-fast tune` (repeatable); beats "
+                             "--config, loses to --set")
 
 
 @record
 def run(args) -> int:
-    cfg = config.load(args.config, args.set)
+    overlays = []
+    if args.overlay:
+        from bt_fast.tune import read_overlay
+        overlays = [s for path in args.overlay for s in read_overlay(path)]
+    cfg = config.load(args.config, overlays + args.set)
     try:
         state = setup(cfg)
         train(state)

@@ -1,0 +1,67 @@
+"""`bt-fast tune` on a tiny CPU config: a table of measured images/s per setting, and an
+overlay that `bt-fast train --overlay` loads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bt_fast import cli, config, tune
+from bt_fast.data import make_synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def smoke(tmp_path) -> Path:
+    make_synthetic(tmp_path / "data", classes=2, train_per_class=16, val_per_class=1, size=(32, 32))
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["data"]["train_dir"] = str(tmp_path / "data" / "train")
+    cfg["train"]["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_tune_prints_table_and_train_loads_overlay(smoke, tmp_path, capsys):
+    out = tmp_path / "tuned.yaml"
+    rc = cli.main(["tune", "--config", str(smoke), "--knobs", "threads,bucket,channels_last",
+                   "--steps", "2", "--warmup", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert tune.HEADER in printed
+    rows = re.findall(r"^(data\.num_threads|train\.channels_last)\s+(\S+)\s+([\d.]+)\s",
+                      printed, re.M)
+    assert {r[0] for r in rows} == {"data.num_threads", "train.channels_last"}
+    assert all(float(r[2]) > 0 for r in rows)  # measured images/s
+    assert "dist.bucket_cap_mb" in printed and "skipped" in printed  # world of one
+    overlay = yaml.safe_load(out.read_text())
+    assert set(overlay) == {"data", "dist", "train"}
+    assert set(overlay["data"]) == {"num_threads"}
+    # The overlay is what `bt-fast train --overlay` applies; --set still wins over it.
+    rc = cli.main(["train", "--config", str(smoke), "--overlay", str(out),
+                   "--set", "train.max_steps=1", "--set", "data.prefetch=2"])
+    assert rc == 0
+    resolved = config.load(tmp_path / "run" / "config.yaml")
+    assert resolved.data.num_threads == overlay["data"]["num_threads"]
+    assert resolved.train.channels_last == overlay["train"]["channels_last"]
+    assert resolved.data.prefetch == 2 and resolved.train.max_steps == 1
+
+
+def test_overlay_with_unknown_key_is_a_config_error(smoke, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  num_thread: 2\n")
+    assert cli.main(["train", "--config", str(smoke), "--overlay", str(bad)]) == 2
+    assert "num_thread" in capsys.readouterr().err
+
+
+def test_candidates():
+    cfg = config.Config()
+    assert tune.candidates("bucket", cfg, world=1, cuda=False) == []
+    assert tune.candidates("bucket", cfg, world=2, cuda=True)[0] == cfg.dist.bucket_cap_mb
+    assert tune.candidates("precision", cfg, world=1, cuda=False) == ["bf16", "fp32"]
+    assert tune.candidates("batch", cfg, world=4, cuda=False) == [256, 128, 512]
+    assert tune.candidates("compile", cfg, world=1, cuda=False) == [False, True]
