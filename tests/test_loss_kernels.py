@@ -150,3 +150,16 @@ def test_cost_model_counts_the_communication_claims():
         # the main terms are exactly 2 D / N = 8x apart; both sides add O(D) statistics
         assert official / costs["gram"].sent_bytes >= 7.95
     assert loss_costs(256, 8192, 1)["gram"].sent_bytes == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["dense", "gram"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernels_on_gpu_match_float64(impl, dtype):
+    """The same comparison with compiled Triton on CUDA, at a size the interpreter avoids."""
+    z1, z2 = _z(512, 1000)
+    want, g1_want, g2_want = _run("reference", z1, z2, torch.float64)
+    loss, g1, g2 = _run(impl, z1.cuda(), z2.cuda(), dtype)
+    loss_tol, grad_tol = TOL[dtype]
+    assert abs(loss.double().cpu() - want).item() / want.item() <= loss_tol
+    assert _rel(g1.cpu(), g1_want) <= grad_tol and _rel(g2.cpu(), g2_want) <= grad_tol
