@@ -1,8 +1,13 @@
 """``barlow_twins_loss``: one entry point, four implementations, the official semantics.
 
-    a1, a2 = normalize over the GLOBAL batch (normalize.py: 2 all-reduces of [2D] sums)
+    a1, a2 = each column normalized with the GLOBAL batch's mean and biased variance
     c      = sum_ranks a1_r^T a2_r / N_global                    (never formed by dense/gram)
     loss   = sum_i (c_ii - 1)^2 + lambd * sum_{i!=j} c_ij^2      fp32 scalar
+
+Collectives per step (W > 1), all in ``collectives.py`` so they can be counted:
+reference all-gathers z; dense all-reduces [2D] sums twice (normalize.py), all-gathers
+the normalized pair and all-reduces [4D] in backward; gram all-gathers z once and
+all-reduces [2D] (gram.py), nothing in backward.
 
 Gradient scale (DESIGN.md): on every rank, backward yields exactly d loss / d z_local
 of the global loss; DDP then averages over ranks, which reproduces the official
