@@ -29,6 +29,8 @@ all-reduce), then, after computing ITS rows P_A = (B_r B^T) A and P_B = (A_r A^T
 above need only P_A, P_B, A_r, B_r and [D] vectors: the local gradient is exact and
 local.
 
+Triton where it fuses work: on CUDA the statistics, the normalization and c_ii come from
+one kernel (colnorm.py, three passes instead of about ten).
 Costs per rank: 8 n N D flops (4 matmuls), about 4 (4 N D + 2 n N + 4 n D) bytes of
 extra memory, (W-1) n 2D s + 2 (W-1)/W 8D bytes sent. Matmuls stay in torch (cuBLAS /
 MKL are the floor; the [n, N] Gram rows are small next to [n, D]); all accumulation is
@@ -61,40 +63,44 @@ def gather_pair(a1, a2, group, gather_dtype):
     return both[:, :d], both[:, d:]
 
 
-def gathered_normalize(z1, z2, eps, group, gather_dtype):
+def gathered_normalize(z1, z2, eps, group, gather_dtype, fused=False):
     """All-gather the RAW pair once, normalize all N rows locally.
 
     Returns A, B [N, D] normalized with the global batch's mean and biased variance
-    (two-pass, in >= fp32) and inv_sigma [2D]. Every rank gathers the same rounded
-    rows (its own included), so all ranks hold identical A, B and the same loss. This
-    replaces normalization's two all-reduces by the gather that the Gram rows need
-    anyway.
+    (two-pass, in >= fp32), inv_sigma [2D] and c_diag [D]. Every rank gathers the same
+    rounded rows (its own included), so all ranks hold identical A, B and the same
+    loss. This replaces normalization's two all-reduces by the gather that the Gram
+    rows need anyway. ``fused``: one Triton kernel (colnorm.py) instead of ~10 torch
+    passes over [N, 2D]; the default on CUDA.
     """
-    dtype = torch.promote_types(z1.dtype, torch.float32)
-    if collectives.world_size(group) == 1:
-        x1, x2 = z1.to(dtype), z2.to(dtype)
-    else:
+    if collectives.world_size(group) > 1:
         both = collectives.all_gather_rows(torch.cat([z1, z2], dim=1).to(gather_dtype), group)
-        x1, x2 = both.to(dtype).chunk(2, dim=1)  # [N, D] each
+        z1, z2 = both.chunk(2, dim=1)  # [N, D] each
+    if fused:
+        from bt_fast.kernels.colnorm import colnorm_pair  # imports triton
+
+        return colnorm_pair(z1, z2, eps)
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    x1, x2 = z1.to(dtype), z2.to(dtype)
     n_global = x1.shape[0]
     x1, x2 = x1 - x1.mean(0), x2 - x2.mean(0)  # new tensors: z is never modified
     var = torch.cat([x1.pow(2).sum(0), x2.pow(2).sum(0)]) / n_global
     inv_sigma = torch.rsqrt(var + eps)  # [2D]
     inv1, inv2 = inv_sigma.chunk(2)
-    return x1.mul_(inv1), x2.mul_(inv2), inv_sigma
+    A, B = x1.mul_(inv1), x2.mul_(inv2)
+    return A, B, inv_sigma, (A * B).sum(0) / n_global
 
 
 class GramLoss(torch.autograd.Function):
     """(z1, z2) [n_local, D] raw embeddings -> (on_diag, off_diag) of the global c."""
 
     @staticmethod
-    def forward(ctx, z1, z2, eps, group, gather_dtype):
+    def forward(ctx, z1, z2, eps, group, gather_dtype, fused):
         n = z1.shape[0]
-        A, B, inv_sigma = gathered_normalize(z1, z2, eps, group, gather_dtype)  # [N, D] x 2
+        A, B, inv_sigma, c_diag = gathered_normalize(z1, z2, eps, group, gather_dtype, fused)  # [N, D] x 2
         N = A.shape[0]
         r0 = collectives.rank(group) * n
         A_r, B_r = A[r0 : r0 + n], B[r0 : r0 + n]  # this rank's rows, as every rank sees them
-        c_diag = (A * B).sum(0) / N  # [D]
         P_A = (B_r @ B.T) @ A  # [n, N] @ [N, D] -> rows r of (B B^T) A
         P_B = (A_r @ A.T) @ B  # rows r of (A A^T) B
         norms = torch.cat([(A_r * P_A).sum(0), (B_r * P_B).sum(0)])  # [2D], local rows
@@ -120,16 +126,19 @@ class GramLoss(torch.autograd.Function):
         inv1, inv2 = inv_sigma.chunk(2)
         dz1 = normalize_backward(ga, A_r, inv1, None, mean_ga)  # mean_N(ga) = 0 exactly
         dz2 = normalize_backward(gb, B_r, inv2, None, mean_gb)
-        return dz1.to(ctx.dtypes[0]), dz2.to(ctx.dtypes[1]), None, None, None
+        return dz1.to(ctx.dtypes[0]), dz2.to(ctx.dtypes[1]), None, None, None, None
 
 
-def gram_terms(z1, z2, *, eps=1e-5, group=None, gather_dtype=None):
+def gram_terms(z1, z2, *, eps=1e-5, group=None, gather_dtype=None, fused=None):
     """(on_diag, off_diag) of the global cross-correlation of raw embeddings z1, z2 [n, D].
 
     gather_dtype: dtype on the wire; default the input dtype for fp16/bf16, else fp32.
+    fused: normalize with the Triton kernel (default: on CUDA, for fp32/fp16/bf16).
     """
+    if fused is None:
+        fused = z1.is_cuda and z1.dtype != torch.float64
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 and z2 must both be [N, D]; got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if gather_dtype is None:
         gather_dtype = z1.dtype if z1.dtype in (torch.float16, torch.bfloat16) else torch.promote_types(z1.dtype, torch.float32)
-    return GramLoss.apply(z1, z2, eps, group, gather_dtype)
+    return GramLoss.apply(z1, z2, eps, group, gather_dtype, fused)

@@ -94,6 +94,24 @@ def test_dense_kernel_across_many_tiles_and_strides():
     assert _rel(x1.grad, y1.grad) <= 1e-4 and _rel(x2.grad, y2.grad) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_with_the_fused_triton_normalization(dtype):
+    """The CUDA default (colnorm.py kernel) run here under the interpreter."""
+    from bt_fast.kernels.gram import gram_terms
+
+    z1, z2 = _z(37, 50, seed=7)
+    want = barlow_twins_loss_reference(z1, z2, return_terms=True)
+    x1 = z1.detach().to(dtype).clone().requires_grad_(True)
+    on_diag, off_diag = gram_terms(x1, z2.to(dtype), fused=True)
+    loss_tol, grad_tol = TOL[dtype]
+    for x, ref in zip((on_diag, off_diag), want[1:]):
+        assert abs(x.double() - ref).item() / ref.item() <= loss_tol
+    ((on_diag + 0.0051 * off_diag) * 1.7).backward()
+    b = z1.clone().requires_grad_(True)
+    (barlow_twins_loss_reference(b, z2) * 1.7).backward()
+    assert _rel(x1.grad, b.grad) <= grad_tol
+
+
 def test_normalization_and_gram_pass_gradcheck():
     from bt_fast.kernels.gram import gram_terms
 
