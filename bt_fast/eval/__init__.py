@@ -16,11 +16,12 @@ Each prints a short table; ``--json`` prints one JSON object instead
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from bt_fast.eval.features import (EvalError, default_cache_dir, load_backbone,
+from bt_fast.eval.features import (EvalError, bf16_default, default_cache_dir, load_backbone,
                                    split_features, stderr_log)
 from bt_fast.eval.knn import knn_accuracy
 from bt_fast.eval.linear import linear_probe
@@ -38,9 +39,11 @@ def _common(p) -> None:
     p.add_argument("--train-dir", help="ImageFolder root with filelist.txt (default: config data.train_dir)")
     p.add_argument("--val-dir", help="ImageFolder root with filelist.txt (default: config data.val_dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="DataLoader worker processes (default: half the cores)")
     p.add_argument("--extract-batch", type=int, default=512, help="feature-extraction batch (default 512)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for feature extraction")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast dtype; auto = bf16 where the CPU supports it natively")
     p.add_argument("--cache-dir", help="feature cache folder (default RUN_DIR/eval-cache)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -84,7 +87,8 @@ def _dirs(args, loaded) -> tuple[str, str]:
 
 def _features(args, loaded, train_dir, val_dir, log):
     cache = None if args.no_cache else Path(args.cache_dir or default_cache_dir(args.checkpoint))
-    kw = dict(cache_dir=cache, batch_size=args.extract_batch, workers=args.workers, bf16=args.bf16, log=log)
+    kw = dict(cache_dir=cache, batch_size=args.extract_batch, workers=args.workers,
+              bf16=bf16_default(args.precision), log=log)
     return split_features(loaded, train_dir, **kw) + split_features(loaded, val_dir, **kw)
 
 
@@ -114,7 +118,8 @@ def run(args) -> int:
             first = finetune(loaded, train_dir, val_dir, percent=args.percent, seed=args.seed,
                              epochs=args.epochs, batch_size=args.batch_size,
                              lr_backbone=args.lr_backbone, lr_classifier=args.lr_classifier,
-                             weight_decay=args.weight_decay, workers=args.workers, log=log)
+                             weight_decay=args.weight_decay, workers=args.workers,
+                             bf16=bf16_default(args.precision), log=log)
             extra = {k: v for k, v in first.items() if k not in ("top1", "top5", "n_train", "n_val")}
             tr_y, va_y = range(first["n_train"]), range(first["n_val"])
     except EvalError as e:
@@ -127,6 +132,7 @@ def run(args) -> int:
         "backbone": f"{loaded.cfg.model.backbone} width {loaded.cfg.model.width}",
         "feature_dim": loaded.feature_dim, "train_dir": train_dir, "val_dir": val_dir,
         "n_train": len(tr_y), "n_val": len(va_y),
+        "precision": "bf16" if bf16_default(args.precision) else "fp32",
         **extra, "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result) if args.json else format_table(result))

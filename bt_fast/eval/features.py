@@ -109,19 +109,39 @@ def load_backbone(checkpoint: str | Path, *, random_init: bool = False, seed: in
 
 
 def eval_transform(cfg: Config) -> transforms.Compose:
-    """Deterministic eval view: resize + center crop to data.image_size, normalise.
+    """Deterministic eval view as uint8 [3, S, S]: resize + center crop to data.image_size.
 
     Larger images follow the ImageNet convention (shorter side to size/0.875, then the
-    center crop); images already at the size are only cropped to square.
+    center crop); images already at the size are only cropped to square. Normalisation
+    happens per batch (``Prep``): per-sample float maths made the loader 3x slower.
     """
     size = cfg.data.image_size
-    view = cfg.views[0]
-    return transforms.Compose([
-        _ResizeForEval(size),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(view.mean, view.std),
-    ])
+    return transforms.Compose([_ResizeForEval(size), transforms.CenterCrop(size),
+                               transforms.PILToTensor()])
+
+
+class Prep:
+    """uint8 batch [B, 3, H, W] -> float, normalised with the first view's mean/std,
+    channels-last (the memory format the backbone runs fastest in)."""
+
+    def __init__(self, cfg: Config):
+        view = cfg.views[0]
+        self.mean = torch.tensor(view.mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(view.std).view(1, 3, 1, 1) * 255
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def bf16_default(precision: str) -> bool:
+    """auto -> bf16 where the CPU has native bf16 (about 2x faster here), else fp32."""
+    if precision == "auto":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return precision == "bf16"
 
 
 class _ResizeForEval:
@@ -170,27 +190,25 @@ def num_classes(*label_lists) -> int:
 
 
 @torch.inference_mode()
-def extract(backbone: nn.Module, dataset: Dataset, *, batch_size: int = 512, workers: int = 2,
-            bf16: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features [N, D] float32 and labels [N] int64, in file-list order."""
-    backbone.eval().to(memory_format=torch.channels_last)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        persistent_workers=False)
+def extract(module: nn.Module, dataset: Dataset, prep: Prep, *, batch_size: int = 512,
+            workers: int = 1, bf16: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs [N, D] float32 of a frozen module (eval mode) and labels [N], in file-list order."""
+    module.eval().to(memory_format=torch.channels_last)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     feats, labels = [], []
     t0, done = time.perf_counter(), 0
     for x, y in loader:
-        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            f = backbone(x)  # [B, D]
+            f = module(prep(x))  # [B, D]
         feats.append(f.float())
         labels.append(y)
         done += len(y)
-        if log and done % (batch_size * 20) < batch_size:
+        if log and done % (batch_size * 40) < batch_size:
             log(f"  features {done}/{len(dataset)} ({done / (time.perf_counter() - t0):.0f} img/s)")
     return torch.cat(feats), torch.cat(labels).long()
 
 
-def cache_key(loaded: Loaded, root: str | Path) -> str:
+def cache_key(loaded: Loaded, root: str | Path, bf16: bool = False) -> str:
     """Hash of everything the features of (weights, split) depend on."""
     root = Path(root).resolve()
     lst = root / "filelist.txt"
@@ -199,7 +217,7 @@ def cache_key(loaded: Loaded, root: str | Path) -> str:
     parts = {
         "v": CACHE_VERSION, "weights": loaded.fingerprint, "model": vars(loaded.cfg.model),
         "root": str(root), "list": [st.st_size, st.st_mtime_ns] if st else None,
-        "size": loaded.cfg.data.image_size, "mean": view.mean, "std": view.std,
+        "size": loaded.cfg.data.image_size, "mean": view.mean, "std": view.std, "bf16": bf16,
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -212,13 +230,13 @@ def default_cache_dir(checkpoint: str | Path) -> Path:
 
 
 def split_features(loaded: Loaded, root: str | Path, *, cache_dir: Path | None,
-                   batch_size: int = 512, workers: int = 2, bf16: bool = False,
+                   batch_size: int = 512, workers: int = 1, bf16: bool = False,
                    log=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features + labels of one split, from the cache when present (cache_dir=None: off)."""
     path = None
     if cache_dir is not None:
         tag = "random" if loaded.random_init else "ckpt"
-        path = Path(cache_dir) / f"{Path(root).name}-{tag}-{cache_key(loaded, root)}.pt"
+        path = Path(cache_dir) / f"{Path(root).name}-{tag}-{cache_key(loaded, root, bf16)}.pt"
         if path.is_file():
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if log:
@@ -226,8 +244,8 @@ def split_features(loaded: Loaded, root: str | Path, *, cache_dir: Path | None,
             return blob["features"], blob["labels"]
     t0 = time.perf_counter()
     dataset = ImageList(root, eval_transform(loaded.cfg))
-    feats, labels = extract(loaded.backbone, dataset, batch_size=batch_size, workers=workers,
-                            bf16=bf16, log=log)
+    feats, labels = extract(loaded.backbone, dataset, Prep(loaded.cfg), batch_size=batch_size,
+                            workers=workers, bf16=bf16, log=log)
     if log:
         dt = time.perf_counter() - t0
         log(f"  features of {root}: {tuple(feats.shape)} in {dt:.1f}s ({len(labels) / dt:.0f} img/s)")

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from bt_fast.eval.features import EvalError, ImageList, Loaded, eval_transform, extract
+from bt_fast.eval.features import EvalError, ImageList, Loaded, Prep, eval_transform, extract
 from bt_fast.eval.knn import topk_accuracy
 
 
@@ -60,12 +60,11 @@ def check_disjoint(train: ImageList, val: ImageList) -> None:
 
 
 def train_transform(cfg) -> transforms.Compose:
-    view = cfg.views[0]
+    """uint8 [3, S, S]: random-resized crop (first view's scale) + flip; Prep normalises."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(cfg.data.image_size, scale=view.scale, antialias=True),
+        transforms.RandomResizedCrop(cfg.data.image_size, scale=cfg.views[0].scale, antialias=True),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(view.mean, view.std),
+        transforms.PILToTensor(),
     ])
 
 
@@ -86,8 +85,8 @@ class Classifier(nn.Module):
 
 def finetune(loaded: Loaded, train_root: str | Path, val_root: str | Path, *, percent: float,
              seed: int = 0, epochs: int = 20, batch_size: int = 256, lr_backbone: float = 0.002,
-             lr_classifier: float = 0.5, weight_decay: float = 0.0, workers: int = 2,
-             log=None) -> dict:
+             lr_classifier: float = 0.5, weight_decay: float = 0.0, workers: int = 1,
+             bf16: bool = False, log=None) -> dict:
     """Fine-tune on a balanced subset of train_root, report val top-1/top-5 (%)."""
     cfg = loaded.cfg
     all_train = ImageList(train_root, None)
@@ -113,13 +112,16 @@ def finetune(loaded: Loaded, train_root: str | Path, val_root: str | Path, *, pe
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch, shuffle=True, drop_last=len(train) > batch,
                         num_workers=workers, persistent_workers=workers > 0, generator=gen)
+    prep = Prep(cfg)
     total, step, t0 = epochs * len(loader), 0, time.perf_counter()
     for epoch in range(epochs):
         model.train()
         for x, y in loader:
             for group in opt.param_groups:  # cosine to 0 over all steps
                 group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(prep(x))
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -127,7 +129,7 @@ def finetune(loaded: Loaded, train_root: str | Path, val_root: str | Path, *, pe
         if log and (epoch + 1) % max(1, epochs // 5) == 0:
             log(f"  finetune epoch {epoch + 1}/{epochs} loss {loss.item():.4f} "  # sync: 5x per run
                 f"({time.perf_counter() - t0:.0f}s)")
-    logits, labels = extract(model, val, workers=workers)  # eval mode, no grad
+    logits, labels = extract(model, val, prep, workers=workers, bf16=bf16)  # eval mode, no grad
     acc = topk_accuracy(logits, labels)
     return {"top1": acc[1], "top5": acc[5], "n_train": len(all_train), "n_val": len(val),
             "percent": percent, "n_subset": len(train),
