@@ -95,14 +95,12 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0] + list(range(2, x.dim()))  # every dim but channels
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         count = torch.tensor([x.numel() / x.size(1)], dtype=torch.float32, device=x.device)
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])  # [2C + 1]
-        stats = all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats = _AllReduceSum.apply(stats)
         c = x.size(1)
         n = stats[-1]
         mean = stats[:c] / n
@@ -118,6 +116,23 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradient over ranks (each rank's loss
+    depends on every rank's statistics), as torch's SyncBatchNorm backward does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def _convert_cpu(module: nn.Module) -> nn.Module:
@@ -172,7 +187,7 @@ def wrap_ddp(model: nn.Module, cfg, env: Env) -> nn.Module:
         bucket_cap_mb=cfg.bucket_cap_mb,
         gradient_as_bucket_view=True,
         static_graph=cfg.static_graph,
-        broadcast_buffers=False,  # BN buffers: synced BN keeps them equal anyway
+        forward_sync_buffers=False,  # synced BN keeps BN buffers equal; synced once at init
     )
     if cfg.grad_compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
