@@ -133,29 +133,34 @@ def _peak_bytes_cuda(fn, z1, z2) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def _time(fn, z1, z2, min_seconds: float) -> float:
-    """Median seconds per fwd+bwd; at least one run, repeated up to min_seconds."""
+def _time_interleaved(fns: dict, z1, z2, min_seconds: float) -> dict:
+    """Median seconds per fwd+bwd of each fn; runs alternate between fns (round robin) so
+    that load from other processes on these shared cores hits all of them alike. Each fn
+    runs at least once and is repeated until it has min_seconds or 20 runs."""
     sync = torch.cuda.synchronize if z1.is_cuda else (lambda: None)
-    times = []
-    while not times or (sum(times) < min_seconds and len(times) < 20):
-        sync()
-        t0 = time.perf_counter()
-        _step(fn, z1, z2)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    while any(not t or (sum(t) < min_seconds and len(t) < 20) for t in times.values()):
+        for name, fn in fns.items():
+            t = times[name]
+            if t and (sum(t) >= min_seconds or len(t) >= 20):
+                continue
+            sync()
+            t0 = time.perf_counter()
+            _step(fn, z1, z2)
+            sync()
+            t.append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_size(n: int, d: int, impls: list[str], device: str, min_seconds: float) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     z1 = torch.randn(n, d, device=device, generator=g).requires_grad_(True)
     z2 = torch.randn(n, d, device=device, generator=g).requires_grad_(True)
-    rows = {}
-    for impl in ["official"] + impls:
-        fn = _loss_fn(impl)
-        peak_fn = _peak_bytes_cuda if device == "cuda" else _peak_bytes
-        peak = peak_fn(fn, z1, z2)  # doubles as the warm-up run
-        rows[impl] = {"seconds": _time(fn, z1, z2, min_seconds), "peak_bytes": peak}
+    fns = {impl: _loss_fn(impl) for impl in ["official"] + impls}
+    peak_fn = _peak_bytes_cuda if device == "cuda" else _peak_bytes
+    peaks = {impl: peak_fn(fn, z1, z2) for impl, fn in fns.items()}  # doubles as the warm-up
+    seconds = _time_interleaved(fns, z1, z2, min_seconds)
+    rows = {impl: {"seconds": seconds[impl], "peak_bytes": peaks[impl]} for impl in fns}
     base = rows["official"]
     for row in rows.values():
         row["speedup_vs_official"] = base["seconds"] / row["seconds"]
