@@ -174,6 +174,8 @@ def tile_terms_backward(a, b, g, *, row0=0, n_out=None, block_n=32, block_d=64):
     n_out = n if n_out is None else n_out
     g = g.to(device=a.device, dtype=torch.float32).contiguous()  # [2]
     da = torch.zeros((n_out, d), dtype=torch.float32, device=a.device)
+    # one program per column block of dA: it owns those columns, so no atomics and a
+    # deterministic result; D / BLOCK_D programs (128 at D = 8192) fill a GPU's SMs
     grid = (triton.cdiv(d, block_d),)
     _tile_terms_bwd_kernel[grid](
         a, b, g, da, n, d, row0, n_out,

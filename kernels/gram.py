@@ -31,6 +31,7 @@ local.
 
 Triton where it fuses work: on CUDA the statistics, the normalization and c_ii come from
 one kernel (colnorm.py, three passes instead of about ten).
+
 Costs per rank: 8 n N D flops (4 matmuls), about 4 (4 N D + 2 n N + 4 n D) bytes of
 extra memory, (W-1) n 2D s + 2 (W-1)/W 8D bytes sent. Matmuls stay in torch (cuBLAS /
 MKL are the floor; the [n, N] Gram rows are small next to [n, D]); all accumulation is
