@@ -105,6 +105,9 @@ def trainer(node: int, *, nodes: int, gpus: int, image: str, config: str, networ
                     f"{context}/runs:/workspace/bt_fast/runs"],
         "deploy": _gpus(node, gpus, network),
         "restart": "no",  # torchrun restarts workers; a dead container is a lost node
+        # `docker compose stop` sends SIGTERM: torchrun forwards it, all ranks stop at one
+        # step and checkpoint (torchrun allows 30 s); Docker's default 10 s is too short.
+        "stop_grace_period": "60s",
     }
     if network == "bridge":
         svc["hostname"] = hostname(node)

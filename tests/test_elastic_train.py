@@ -189,16 +189,22 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path, data_dir):
     assert ckpt["step"] == last and len(ckpt["pipeline"]) == 2
 
 
-def test_sigterm_stops_all_ranks_at_one_step(tmp_path, data_dir):
+@pytest.mark.parametrize("target", ["worker", "agent"])
+def test_sigterm_stops_all_ranks_at_one_step(tmp_path, data_dir, target):
+    """worker: SIGTERM to one rank only. agent: what SLURM and `docker stop` do; torchrun
+    forwards it to every worker and gives them 30 s before SIGKILL."""
     config = _config(tmp_path, data_dir, max_steps=1000)
     run_dir = tmp_path / "run"
     procs = _agents(tmp_path, config, nodes=1, gpus=2)
     _wait_for_step(run_dir, 3, procs)
     workers = _workers([p.pid for p in procs])
-    os.kill(workers[1], signal.SIGTERM)
+    os.kill(workers[1] if target == "worker" else procs[0].pid, signal.SIGTERM)
     rcs = _wait(procs, timeout=120)
     logs = _logs(tmp_path)
-    assert rcs == [0], logs[-4000:]
+    if target == "worker":
+        assert rcs == [0], logs[-4000:]  # the workers exit 0, so does their agent
+    else:  # torchrun itself exits non-zero after a signal, but never had to SIGKILL
+        assert "SIGKILL" not in logs and "exitcode: -9" not in logs, logs[-4000:]
     stopped = dict(re.findall(r"rank (\d) stopped by signal at step (\d+)", logs))
     assert set(stopped) == {"0", "1"} and len(set(stopped.values())) == 1, stopped
     step = int(stopped["0"])

@@ -67,6 +67,7 @@ def test_compose_for_four_nodes(tmp_path):
         assert (env["NODES"], env["GPUS"], env["CONFIG"]) == ("4", "8", "configs/smoke.yaml")
         assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
         assert s["ipc"] == "host" and s["command"][0] == "scripts/train.sh"
+        assert s["stop_grace_period"] == "60s"  # > torchrun's 30 s for the SIGTERM checkpoint
         (dev,) = s["deploy"]["resources"]["reservations"]["devices"]
         assert "gpu" in dev["capabilities"]
         gpu_sets.append(set(dev["device_ids"]))
