@@ -20,6 +20,7 @@ What lives here, in the order a training run meets it:
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 from dataclasses import dataclass
@@ -181,13 +182,18 @@ def wrap_ddp(model: nn.Module, cfg, env: Env) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     cuda = env.device.type == "cuda"
+    # BN buffers: synced BN keeps them equal, so no per-forward broadcast (they are still
+    # synced once at construction). Newer torch renamed the flag; containers may be older.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                      else {"broadcast_buffers": False})
     ddp = DDP(
         model,
         device_ids=[env.device.index] if cuda else None,
         bucket_cap_mb=cfg.bucket_cap_mb,
         gradient_as_bucket_view=True,
         static_graph=cfg.static_graph,
-        forward_sync_buffers=False,  # synced BN keeps BN buffers equal; synced once at init
+        **no_buffer_sync,
     )
     if cfg.grad_compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
