@@ -8,10 +8,15 @@ augmentation (so an epoch is a few hundred small matmuls) and standardised with 
 training set's mean/std. Standardisation is an affine map folded into the classifier,
 so the probe stays linear; it makes one learning rate work for a pretrained and a
 random-init backbone, whose feature scales differ by orders of magnitude.
+
+Cost: 100 epochs of 60k x 128-d features are 23k SGD steps on [256, 128] batches. Ops
+that small are all overhead: one thread runs them ~15x faster than two on this 2-core
+machine (0.46 vs 6.6 ms/step with other jobs running), so training pins one thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,6 +31,16 @@ def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6):
     mean = train.mean(0, keepdim=True)
     std = train.std(0, keepdim=True) + eps
     return tuple((x - mean) / std for x in (train, *others))
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def train_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, *, num_classes: int,
@@ -66,7 +81,7 @@ def linear_probe(train_feats, train_labels, val_feats, val_labels, *, epochs=100
     """Train on (train_feats, train_labels), report val top-1/top-5 (%) of the last epoch."""
     train_x, val_x = standardize(train_feats.float(), val_feats.float())
     c = int(max(train_labels.max(), val_labels.max())) + 1
-    with torch.enable_grad():
+    with torch.enable_grad(), _threads(1):
         head = train_linear(train_x, train_labels, num_classes=c, epochs=epochs,
                             batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             seed=seed, log=log)
