@@ -89,3 +89,15 @@ def test_user_errors_exit_2(run, tmp_path, capsys):
     torch.save({"step": 1}, bad)
     assert main(["eval", "linear", "--checkpoint", str(bad)]) == 2
     assert "not a bt_fast checkpoint" in capsys.readouterr().err
+
+
+def test_knn_eval_of_a_live_backbone_matches_the_cli(run, capsys):
+    from bt_fast.config import from_dict
+    from bt_fast.eval import knn_eval
+
+    ckpt = torch.load(run["ckpt"], weights_only=True)
+    backbone = run["model"].backbone.train()
+    acc = knn_eval(backbone, from_dict(ckpt["config"]), workers=0)
+    assert backbone.training  # mode restored
+    r = _json(capsys, ["knn", "--checkpoint", run["ckpt"], "--no-cache"])
+    assert abs(acc[20]["top1"] - r["by_k"]["20"]["top1"]) < 1e-6

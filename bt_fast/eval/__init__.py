@@ -21,14 +21,35 @@ import sys
 import time
 from pathlib import Path
 
-from bt_fast.eval.features import (EvalError, bf16_default, default_cache_dir, load_backbone,
-                                   split_features, stderr_log)
+from bt_fast.eval.features import (EvalError, ImageList, Prep, bf16_default, default_cache_dir,
+                                   eval_transform, extract, load_backbone, split_features,
+                                   stderr_log)
 from bt_fast.eval.knn import knn_accuracy
 from bt_fast.eval.linear import linear_probe
 from bt_fast.eval.semi import balanced_subset, finetune
 
-__all__ = ["add_arguments", "run", "knn_accuracy", "linear_probe", "balanced_subset",
+__all__ = ["add_arguments", "run", "knn_eval", "knn_accuracy", "linear_probe", "balanced_subset",
            "finetune", "load_backbone", "split_features"]
+
+
+def knn_eval(backbone, cfg, *, train_dir: str | None = None, val_dir: str | None = None,
+             ks=(20, 200), temperature: float = 0.07, workers: int = 1, precision: str = "auto",
+             log=None) -> dict[int, dict[str, float]]:
+    """Weighted-kNN {k: {"top1", "top5"}} of a live backbone (e.g. inside the trainer).
+
+    Uses cfg.data.train_dir / val_dir unless given; no cache (the weights are changing).
+    The backbone is put back in the train/eval mode it was in.
+    """
+    was_training = backbone.training
+    bf16 = bf16_default(precision)
+    feats = []
+    try:
+        for root in (train_dir or cfg.data.train_dir, val_dir or cfg.data.val_dir):
+            dataset = ImageList(root, eval_transform(cfg))
+            feats += extract(backbone, dataset, Prep(cfg), workers=workers, bf16=bf16, log=log)
+    finally:
+        backbone.train(was_training)
+    return knn_accuracy(*feats, ks=tuple(ks), temperature=temperature)
 
 
 def _common(p) -> None:
