@@ -62,8 +62,10 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
     with autocast(cfg, run.env.device):
         z1, z2 = run.ddp(views)  # [B_local, D] each
     group = torch.distributed.group.WORLD if run.env.distributed else None
+    # z stays in the autocast dtype: the loss accumulates in fp32 itself, and bf16 z
+    # halves what the gram path all-gathers across ranks.
     loss, on_diag, off_diag = barlow_twins_loss(
-        z1.float(), z2.float(), lambd=cfg.loss.lambd, eps=cfg.loss.eps, group=group,
+        z1, z2, lambd=cfg.loss.lambd, eps=cfg.loss.eps, group=group,
         impl=cfg.loss.impl, return_terms=True)
     timer.mark("forward")
     run.optimizer.zero_grad(set_to_none=True)
