@@ -121,7 +121,12 @@ class MultiViewLoader:
         return t.clone() if self._clone else t
 
     def _next_epoch(self) -> None:
-        for _ in self._it:  # drain: at most one batch this rank has beyond len(loader)
+        # Drain with next(), never ``for _ in self._it``: the DALI iterator's __iter__
+        # resets it, and the loop would then run (and discard) a whole extra epoch.
+        try:
+            while True:
+                next(self._it)  # at most one batch this rank has beyond len(loader)
+        except StopIteration:
             pass
         self._it.reset()
         self.epoch, self._pos = self.epoch + 1, 0

@@ -163,6 +163,17 @@ def test_shards_same_length_disjoint_and_seeded_per_rank(src):
     assert torch.bincount(labels).tolist() == [16, 16, 16, 16]
 
 
+def test_each_epoch_reads_the_next_shard_once(tmp_path):
+    """One loader epoch is one DALI epoch: over num_shards epochs a rank reads every image
+    exactly once (shards rotate per epoch). Draining the DALI iterator with ``for`` used
+    to reset it and run a whole discarded epoch, so rank 0 of 2 saw shard 0 forever."""
+    root = make_synthetic(tmp_path, classes=16, train_per_class=1, val_per_class=1, size=(24, 20))
+    loader = MultiViewLoader(FolderSource(root / "train"), [ViewSpec(size=8)], 4, shard_id=0, num_shards=2)
+    epochs = [torch.cat([lab for _, lab in loader]) for _ in range(2)]
+    assert [len(e) for e in epochs] == [8, 8]
+    assert sorted(torch.cat(epochs).tolist()) == list(range(16))
+
+
 def write_shards(data, out, shards=2):
     """The synthetic train set as WebDataset tars; labels shifted to two digits + newline."""
     src = FolderSource(data / "train")
