@@ -203,7 +203,7 @@ def plot_crosscorr(c_init, c_trained, step: int, out: Path, dims: int) -> Path:
     import matplotlib.pyplot as plt
     import torch
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
     for ax, c, name in ((axes[0], c_init, "random init"), (axes[1], c_trained, f"step {step}")):
         d = c.shape[0]
         off = c[~torch.eye(d, dtype=torch.bool)]
