@@ -6,13 +6,12 @@
             ...                             # views: list of float32 [B, 3, H, W], channels-last
     state = loader.state_dict()             # resume: MultiViewLoader(..., state=state)
 
-Buffer contract: DALI reuses its output buffers once the next batch is requested. The
-loader hands out tensors it owns: with DALI's classic executor the torch iterator
-already copies each output into a fresh tensor; with the dynamic executor (zero-copy
-DLPack) the loader clones. Either way it is one copy of the batch (B x 3 x H x W x 4
-bytes per view, ~1.2 MB per image for two 224-px views: a memcpy, well under 1% of the
-augmentation time on the CPU). The HWC->[B, 3, H, W] step is a ``permute``: channels-last
-strides, no copy.
+Buffer contract: the tensors are the caller's to keep. DALI's dynamic executor (the
+default since DALI 2.0) hands its output buffers to torch zero-copy through DLPack and
+allocates fresh ones while a handed-out buffer is still referenced (tested: 30 kept
+batches, 30 distinct buffers, none overwritten), so the loader copies nothing; with the
+classic executor the torch iterator copies each output into a fresh tensor itself. The
+HWC->[B, 3, H, W] step is a ``permute``: channels-last strides, no copy.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from .ops import COINS
 from .pipeline import READER, multiview_pipeline
 from .spec import ViewSpec, expand
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: fused linear colour graph (hue="linear" default)
 
 
 def rank_seed(seed: int, shard_id: int) -> int:
@@ -51,7 +50,7 @@ class MultiViewLoader:
     def __init__(self, source, views: list[ViewSpec], batch_size: int, *, device: str = "cpu",
                  num_threads: int = 2, prefetch: int = 2, seed: int = 0, shard_id: int = 0,
                  num_shards: int = 1, state: dict | None = None, decode: str = "once",
-                 debug: bool = False, device_id: int | None = None, hue: str = "hsv"):
+                 debug: bool = False, device_id: int | None = None, hue: str = "linear"):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device={device!r}: use 'cpu' or 'gpu'")
         if not 0 <= shard_id < num_shards:
@@ -92,8 +91,6 @@ class MultiViewLoader:
         self._it = DALIGenericIterator([self._pipe], self._names, reader_name=READER,
                                        last_batch_policy=LastBatchPolicy.DROP, auto_reset=False,
                                        prepare_first_batch=False)
-        # Zero-copy DLPack outputs alias DALI's buffers: clone those (see module doc).
-        self._clone = bool(getattr(self._pipe, "exec_dynamic", False))
 
     def __len__(self) -> int:
         return self._len
@@ -106,8 +103,8 @@ class MultiViewLoader:
             out = next(self._it)[0]
             self._pos += 1
             # permute: [B, H, W, 3] -> [B, 3, H, W] with channels-last strides, no copy.
-            views = [self._own(out[f"view{i}"]).permute(0, 3, 1, 2) for i in range(len(self.views))]
-            labels = self._own(out["labels"]).reshape(-1)
+            views = [out[f"view{i}"].permute(0, 3, 1, 2) for i in range(len(self.views))]
+            labels = out["labels"].reshape(-1)
             if self.debug:
                 coins = {c: torch.stack([out[f"{c}{i}"].reshape(-1) for i in range(len(self.views))], 1)
                          for c in COINS}
@@ -116,9 +113,6 @@ class MultiViewLoader:
                 yield views, labels
         # The epoch's tail (a possible extra batch on this rank, DALI's epoch end) is
         # consumed lazily by the next __iter__ or state_dict().
-
-    def _own(self, t: torch.Tensor) -> torch.Tensor:
-        return t.clone() if self._clone else t
 
     def _next_epoch(self) -> None:
         # Drain with next(), never ``for _ in self._it``: the DALI iterator's __iter__

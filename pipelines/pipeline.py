@@ -18,7 +18,7 @@ DECODES = ("once", "roi")
 @pipeline_def(enable_conditionals=True)
 def multiview_pipeline(source, views: list[ViewSpec], *, shard_id: int, num_shards: int,
                        reader_seed: int, device: str = "cpu", decode: str = "once", debug: bool = False,
-                       hue: str = "hsv"):
+                       hue: str = "linear"):
     """Outputs: one float32 HWC view per entry of ``views`` (already expanded), the
     int32 labels, then, if ``debug``, the five per-sample coins of every view.
 
