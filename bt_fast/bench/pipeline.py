@@ -75,7 +75,8 @@ def _rate(batches, batch: int, warmup: int = 2) -> tuple[float, float]:
     for _ in range(warmup):
         next(it)
     n, t0, cpu0 = 0, time.perf_counter(), _cpu_s()
-    for _ in it:
+    # next() rather than ``for``: a DALI iterator's __iter__ tries to reset it mid-epoch.
+    while next(it, None) is not None:
         n += batch
     wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
     kids = _cpu_s(resource.RUSAGE_CHILDREN) - kids0
