@@ -1,5 +1,5 @@
 """Runs the code block under "Using the pipeline in your own code" of a markdown file
-(default docs/pipelines.md; set BT_PIPELINES_DOC to point at README.md instead)."""
+(default README.md; BT_PIPELINES_DOC points at another file)."""
 
 import os
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 from bt_fast.data import make_synthetic
 
 HEADING = "Using the pipeline in your own code"
-DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "pipelines.md"
+DEFAULT_DOC = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def extract_block(markdown: str, heading: str = HEADING) -> str:
