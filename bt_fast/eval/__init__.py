@@ -113,46 +113,52 @@ def _features(args, loaded, train_dir, val_dir, log):
     return split_features(loaded, train_dir, **kw) + split_features(loaded, val_dir, **kw)
 
 
+def _knn(args, loaded, train_dir, val_dir, log) -> tuple[dict, dict]:
+    if any(k < 1 for k in args.k) or args.temperature <= 0:
+        raise EvalError("--k must be >= 1 and --temperature > 0")
+    tr_x, tr_y, va_x, va_y = _features(args, loaded, train_dir, val_dir, log)
+    by_k = knn_accuracy(tr_x, tr_y, va_x, va_y, ks=tuple(args.k), temperature=args.temperature)
+    return by_k[args.k[0]], {"n_train": len(tr_y), "n_val": len(va_y), "k": args.k[0],
+                             "temperature": args.temperature,
+                             "by_k": {str(k): v for k, v in by_k.items()}}
+
+
+def _linear(args, loaded, train_dir, val_dir, log) -> tuple[dict, dict]:
+    tr_x, tr_y, va_x, va_y = _features(args, loaded, train_dir, val_dir, log)
+    acc = linear_probe(tr_x, tr_y, va_x, va_y, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, log=log)
+    return acc, {"n_train": len(tr_y), "n_val": len(va_y), "epochs": args.epochs,
+                 "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+                 "train_top1": acc["train_top1"]}
+
+
+def _semi(args, loaded, train_dir, val_dir, log) -> tuple[dict, dict]:
+    r = finetune(loaded, train_dir, val_dir, percent=args.percent, seed=args.seed,
+                 epochs=args.epochs, batch_size=args.batch_size, lr_backbone=args.lr_backbone,
+                 lr_classifier=args.lr_classifier, weight_decay=args.weight_decay,
+                 workers=args.workers, bf16=bf16_default(args.precision), log=log)
+    return r, {k: v for k, v in r.items() if k not in ("top1", "top5")}
+
+
 def run(args) -> int:
     from bt_fast.cli import UsageError
 
     t0 = time.perf_counter()
     log = None if args.quiet or args.json else stderr_log
+    protocol = {"knn": _knn, "linear": _linear, "semi": _semi}[args.protocol]
     try:
         loaded = load_backbone(args.checkpoint, random_init=args.random_init, seed=args.seed)
         train_dir, val_dir = _dirs(args, loaded)
-        if args.protocol == "knn":
-            if any(k < 1 for k in args.k) or args.temperature <= 0:
-                raise EvalError("--k must be >= 1 and --temperature > 0")
-            tr_x, tr_y, va_x, va_y = _features(args, loaded, train_dir, val_dir, log)
-            by_k = knn_accuracy(tr_x, tr_y, va_x, va_y, ks=tuple(args.k), temperature=args.temperature)
-            first = by_k[args.k[0]]
-            extra = {"k": args.k[0], "temperature": args.temperature,
-                     "by_k": {str(k): v for k, v in by_k.items()}}
-        elif args.protocol == "linear":
-            tr_x, tr_y, va_x, va_y = _features(args, loaded, train_dir, val_dir, log)
-            first = linear_probe(tr_x, tr_y, va_x, va_y, epochs=args.epochs, batch_size=args.batch_size,
-                                 lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, log=log)
-            extra = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                     "weight_decay": args.weight_decay, "train_top1": first["train_top1"]}
-        else:
-            first = finetune(loaded, train_dir, val_dir, percent=args.percent, seed=args.seed,
-                             epochs=args.epochs, batch_size=args.batch_size,
-                             lr_backbone=args.lr_backbone, lr_classifier=args.lr_classifier,
-                             weight_decay=args.weight_decay, workers=args.workers,
-                             bf16=bf16_default(args.precision), log=log)
-            extra = {k: v for k, v in first.items() if k not in ("top1", "top5", "n_train", "n_val")}
-            tr_y, va_y = range(first["n_train"]), range(first["n_val"])
+        acc, extra = protocol(args, loaded, train_dir, val_dir, log)
     except EvalError as e:
         raise UsageError(str(e)) from None
     result = {
         "protocol": args.protocol if args.protocol != "semi" else f"semi{args.percent:g}",
-        "top1": round(first["top1"], 2), "top5": round(first["top5"], 2),
+        "top1": round(acc["top1"], 2), "top5": round(acc["top5"], 2),
         "checkpoint": args.checkpoint, "step": loaded.step,
         "init": "random" if args.random_init else "pretrained", "seed": args.seed,
         "backbone": f"{loaded.cfg.model.backbone} width {loaded.cfg.model.width}",
         "feature_dim": loaded.feature_dim, "train_dir": train_dir, "val_dir": val_dir,
-        "n_train": len(tr_y), "n_val": len(va_y),
         "precision": "bf16" if bf16_default(args.precision) else "fp32",
         **extra, "seconds": round(time.perf_counter() - t0, 1),
     }
