@@ -92,13 +92,18 @@ test: setup
 	$(BIN)/pytest -q tests
 
 bench: setup
+	$(BT) bench step --json
 	$(BT) bench loss --json
 	$(BT) bench pipeline --json
 
+# Every protocol next to the same backbone at random init (kNN and linear share cached features).
 eval: setup
 	$(BT) eval knn --checkpoint $(CHECKPOINT)
+	$(BT) eval knn --checkpoint $(CHECKPOINT) --random-init
 	$(BT) eval linear --checkpoint $(CHECKPOINT)
+	$(BT) eval linear --checkpoint $(CHECKPOINT) --random-init
 	$(BT) eval semi --percent 10 --checkpoint $(CHECKPOINT)
+	$(BT) eval semi --percent 10 --checkpoint $(CHECKPOINT) --random-init
 
 lint: setup
 	$(BIN)/hadolint docker/Dockerfile
