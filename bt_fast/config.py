@@ -145,6 +145,11 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
+def resolved_views(cfg: Config) -> List[ViewSpec]:
+    """cfg.views with size 0 ("unset") replaced by data.image_size."""
+    return [dataclasses.replace(v, size=v.size or cfg.data.image_size) for v in cfg.views]
+
+
 # ---------------------------------------------------------------- YAML loading
 
 

@@ -19,7 +19,6 @@ From ``RUN_DIR/checkpoints/last.pt``, if present (skip with ``--no-crosscorr``):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -157,6 +156,7 @@ def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
     import torch
     from PIL import Image
 
+    from bt_fast import config
     from bt_fast.cli import UsageError
     from bt_fast.pipelines.spec import expand
 
@@ -165,7 +165,7 @@ def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
         raise UsageError(f"{val_dir}: need validation images for the cross-correlation "
                          f"(set --val-dir, or --no-crosscorr)")
     files = files[:: max(1, len(files) // batch)][:batch]
-    specs = [dataclasses.replace(s, size=s.size or cfg.data.image_size) for s in expand(cfg.views)[:2]]
+    specs = expand(config.resolved_views(cfg))[:2]
     torch.manual_seed(seed)
     tfs = [_view_transform(s) for s in specs]
     images = [Image.open(f).convert("RGB") for f in files]

@@ -88,7 +88,7 @@ def make_loader(cfg: config.Config, env: dist.Env, state: dict | None) -> MultiV
     else:
         source = FolderSource(cfg.data.train_dir)
     return MultiViewLoader(
-        source, cfg.views, cfg.data.batch_size // env.world_size, device=data_device(cfg),
+        source, config.resolved_views(cfg), cfg.data.batch_size // env.world_size, device=data_device(cfg),
         num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, seed=cfg.train.seed,
         shard_id=env.rank, num_shards=env.world_size, state=state)
 

@@ -81,3 +81,8 @@ def test_missing_config_file_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bt_fast", "train", "--config", str(tmp_path / "nope.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_view_size_0_takes_data_image_size():
+    cfg = config.load(None, ["data.image_size=40", "views.1.size=0"])
+    assert [v.size for v in config.resolved_views(cfg)] == [224, 40]

@@ -67,7 +67,7 @@ def run(args) -> int:
     model = BarlowTwins(cfg.model).to(device)
     plain = copy.deepcopy(model)
     fast = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
-    size = cfg.views[0].size
+    size = config.resolved_views(cfg)[0].size
     views_nchw = [torch.randn(args.batch, 3, size, size, device=device) for _ in range(2)]
     views_cl = [v.contiguous(memory_format=torch.channels_last) for v in views_nchw]
     opt_plain, opt_fast = optim.build(plain, cfg.optim), optim.build(fast, cfg.optim)
