@@ -93,13 +93,13 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many steps (0 = run the whole schedule)."""
     precision: str = "bf16"
-    """fp32 | bf16 | fp16 (fp16 uses a GradScaler)."""
+    """fp32 | bf16 | fp16 (fp16 uses a GradScaler, whose inf check syncs every step)."""
     channels_last: bool = True
     """Run the backbone in channels-last memory format."""
     compile: bool = False
     """torch.compile the model."""
     seed: int = 0
-    """Seeds torch and DALI (DALI seed = seed + rank)."""
+    """Seeds torch and DALI (each rank's DALI seed is derived from it and the rank)."""
     log_every: int = 10
     """Steps between metric logs (the only host<->device sync points)."""
     checkpoint_every: int = 500
@@ -266,15 +266,16 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = _parse_override(item)
         node = values
-        for part in path[:-1]:
+        try:
+            for part in path[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
             if isinstance(node, list):
-                node = node[int(part)]
+                node[int(path[-1])] = value
             else:
-                node = node.setdefault(part, {})
-        if isinstance(node, list):
-            node[int(path[-1])] = value
-        else:
-            node[path[-1]] = value
+                node[path[-1]] = value
+        except (AttributeError, IndexError, TypeError, ValueError):
+            raise ConfigError(f"--set {item!r}: {'.'.join(path)} does not name a config value "
+                              "(sections are mappings, views is a list indexed from 0)") from None
     return values
 
 

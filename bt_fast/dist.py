@@ -65,13 +65,6 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (no-op in a world of one). A sync point: log steps only."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -22,7 +22,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from bt_fast import checkpoint, config, dist, metrics, optim
-from bt_fast.kernels import barlow_twins_loss
+from bt_fast.kernels import IMPLS, barlow_twins_loss
 from bt_fast.model import BarlowTwins
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource, expand
 
@@ -105,10 +105,22 @@ def check_config(cfg: config.Config) -> None:
     choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
                "data.device": (cfg.data.device, ("auto", "cpu", "gpu")),
                "data.reader": (cfg.data.reader, ("folder", "webdataset")),
-               "loss.impl": (cfg.loss.impl, ("auto", "reference", "dense", "gram"))}
+               "loss.impl": (cfg.loss.impl, IMPLS),
+               "dist.grad_compression": (cfg.dist.grad_compression, ("none", "bf16"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise config.ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+    positive = {"data.batch_size": cfg.data.batch_size, "data.num_threads": cfg.data.num_threads,
+                "data.prefetch": cfg.data.prefetch, "train.log_every": cfg.train.log_every,
+                "optim.epochs": cfg.optim.epochs}
+    non_negative = {"train.max_steps": cfg.train.max_steps, "train.checkpoint_every": cfg.train.checkpoint_every,
+                    "optim.warmup_epochs": cfg.optim.warmup_epochs}
+    for key, value in positive.items():
+        if value <= 0:
+            raise config.ConfigError(f"{key}={value}: must be positive")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise config.ConfigError(f"{key}={value}: must not be negative")
 
 
 def setup(cfg: config.Config) -> Run:

@@ -14,7 +14,8 @@
 #SBATCH --exclusive
 #SBATCH --requeue
 # SIGTERM to the job steps 120 s before the time limit: torchrun forwards it, every rank
-# stops at the same step and writes one checkpoint; the requeued job resumes from it.
+# stops at the same step and writes one checkpoint, and the job ends; submitting the
+# same command again resumes from it. --requeue covers node failure and preemption.
 #SBATCH --signal=TERM@120
 #SBATCH --output=runs/slurm-%j.out
 set -euo pipefail

@@ -86,3 +86,26 @@ def test_missing_config_file_exit_2(tmp_path):
 def test_view_size_0_takes_data_image_size():
     cfg = config.load(None, ["data.image_size=40", "views.1.size=0"])
     assert [v.size for v in config.resolved_views(cfg)] == [224, 40]
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["train=5", "train.seed=1"], "train.seed does not name a config value"),
+    (["views.9.size=1"], "views.9.size does not name a config value"),
+])
+def test_bad_override_paths_are_config_errors(sets, needle):
+    with pytest.raises(config.ConfigError, match=needle):
+        config.load(None, sets)
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("train.log_every=0", "train.log_every=0: must be positive"),
+    ("data.batch_size=0", "data.batch_size=0: must be positive"),
+    ("train.checkpoint_every=-1", "must not be negative"),
+    ("dist.grad_compression=fp8", "dist.grad_compression='fp8'"),
+    ("loss.impl=fast", "loss.impl='fast'"),
+])
+def test_trainer_rejects_meaningless_values(item, needle):
+    from bt_fast.train import check_config
+
+    with pytest.raises(config.ConfigError, match=needle):
+        check_config(config.load(None, [item]))
