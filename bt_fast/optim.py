@@ -75,9 +75,11 @@ class LARS(torch.optim.Optimizer):
                 if finite is None:
                     mu.mul_(g["momentum"]).add_(d)
                     p.add_(mu, alpha=-g["lr"])
-                else:  # mu <- m*mu + d and p <- p - lr*mu, only where finite (device-side)
-                    mu.copy_(torch.where(finite, mu * g["momentum"] + d, mu))
-                    p.sub_(torch.where(finite, mu * g["lr"], torch.zeros_like(mu)))
+                else:  # mu <- m*mu + d and p <- p - lr*mu when f = 1; unchanged when f = 0
+                    f = finite.to(p.dtype)
+                    d = torch.where(finite, d, 0.0)  # NaN * 0 would still be NaN
+                    mu.mul_(1 - f * (1 - g["momentum"])).add_(d)
+                    p.sub_(mu * (f * g["lr"]))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -71,12 +71,23 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     timer.mark("backward")
-    finite = torch.isfinite(loss)  # device-side: a non-finite step is skipped, not synced
+    finite = all_finite(loss, run.optimizer)  # device-side: a bad step is skipped, not synced
     run.scaler.step(run.optimizer, finite=finite)
     run.scaler.update()
     timer.mark("optimizer")
     return {"loss": loss.detach(), "loss_on_diag": on_diag.detach(),
             "loss_off_diag": off_diag.detach(), "nonfinite": (~finite).int()}
+
+
+def all_finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """0-d bool on the device: the loss AND every gradient are finite.
+
+    A finite loss can still have an overflowing gradient (bf16/fp16 backward); LARS
+    would then write NaN into weights and momentum. Cost: one norm per gradient.
+    """
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm(grads)) if grads else loss.new_zeros(1)
+    return torch.isfinite(loss) & torch.isfinite(norms).all()
 
 
 def make_loader(cfg: config.Config, env: dist.Env, state: dict | None) -> MultiViewLoader:
@@ -142,10 +153,11 @@ def setup(cfg: config.Config) -> Run:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        step, pipeline_state = ckpt["step"], pipeline_state_for(ckpt, last, env)
+        checkpoint.set_rng_state(rank_state(ckpt, "rng", last, env))
+        step, pipeline_state = ckpt["step"], rank_state(ckpt, "pipeline", last, env)
         if env.is_main:
             print(f"resuming from {last} at step {step}", file=sys.stderr)
+            warn_schedule_changes(ckpt["config"], cfg)
     loader = make_loader(cfg, env, pipeline_state)
     steps_per_epoch = len(loader)
     total = max(1, round(cfg.optim.epochs * steps_per_epoch))
@@ -157,29 +169,46 @@ def setup(cfg: config.Config) -> Run:
                round(cfg.optim.warmup_epochs * steps_per_epoch))
 
 
-def pipeline_state_for(ckpt: dict, path: Path, env: dist.Env) -> dict:
-    """This rank's data position; shard r belongs to rank r, so the world size must match."""
-    states = ckpt["pipeline"]
+def rank_state(ckpt: dict, key: str, path: Path, env: dist.Env):
+    """This rank's entry of a per-rank list (data position, RNG). Shard r belongs to
+    rank r, so the world size must match."""
+    states = ckpt[key]
     if len(states) != env.world_size:
         raise config.ConfigError(f"{path}: written by {len(states)} rank(s), now {env.world_size}; "
                                  "resuming with another world size would read other images")
     return states[env.rank]
 
 
+def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
+    """Resuming with other optim settings or batch size silently bends the lr schedule."""
+    now = config.to_dict(cfg)
+    changed = [f"optim.{k}: {v} -> {now['optim'][k]}" for k, v in saved["optim"].items() if now["optim"].get(k) != v]
+    if saved["data"]["batch_size"] != cfg.data.batch_size:
+        changed.append(f"data.batch_size: {saved['data']['batch_size']} -> {cfg.data.batch_size}")
+    if changed:
+        print(f"warning: resuming with a changed schedule ({'; '.join(changed)})", file=sys.stderr)
+
+
+def gather_per_rank(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a world of one: [obj])."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def save_checkpoint(run: Run, logger) -> None:
-    """Every rank reaches this at the same step; rank 0 writes (weights are replicated,
-    data positions are per rank and gathered)."""
-    state = run.loader.state_dict()
-    states = [state]
-    if run.env.distributed:
-        states = [None] * run.env.world_size
-        torch.distributed.all_gather_object(states, state)
+    """Every rank reaches this at the same step; rank 0 writes (weights are replicated;
+    data positions and RNG states are per rank and gathered)."""
+    pipelines = gather_per_rank(run.loader.state_dict())
+    rngs = gather_per_rank(checkpoint.rng_state())
     if run.env.is_main:
         t0 = time.perf_counter()
         checkpoint.save_atomic({
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), "step": run.step, "rng": checkpoint.rng_state(),
-            "pipeline": states, "config": config.to_dict(run.cfg),
+            "scaler": run.scaler.state_dict(), "step": run.step, "rng": rngs,
+            "pipeline": pipelines, "config": config.to_dict(run.cfg),
         }, checkpoint.checkpoint_dir(run.run_dir) / checkpoint.LAST)
         logger.log_checkpoint(time.perf_counter() - t0, run.step)
     dist.barrier()

@@ -71,3 +71,13 @@ def test_nonfinite_loss_stops_with_exit_3_and_keeps_weights(dataset, tmp_path, m
     args = smoke_args(dataset, tmp_path, "train.max_steps=3", "train.log_every=3")
     assert main(args) == 3
     assert "NaN/inf for all 3 steps" in capsys.readouterr().err
+
+
+def test_finite_loss_with_nonfinite_gradient_is_skipped():
+    model = torch.nn.Linear(3, 2)
+    loss = model(torch.ones(1, 3)).sum()
+    loss.backward()
+    opt = train.optim.build(model, config.OptimConfig())
+    assert bool(train.all_finite(loss.detach(), opt))
+    model.weight.grad[0, 0] = float("inf")
+    assert not bool(train.all_finite(loss.detach(), opt))
