@@ -17,7 +17,8 @@ DEB_PKGS := dataset-fashion-mnist prometheus
 
 CONFIG ?= configs/fmnist.yaml
 FMNIST_DIR ?= data/fashion-mnist
-RUN_DIR ?= $(shell sed -n 's/^  run_dir: *//p' $(CONFIG) 2>/dev/null | head -1)
+# The run folder: SET=train.run_dir=... wins over the config's train.run_dir.
+RUN_DIR ?= $(or $(patsubst train.run_dir=%,%,$(filter train.run_dir=%,$(SET))),$(shell sed -n 's/^  run_dir: *//p' $(CONFIG) 2>/dev/null | head -1))
 CHECKPOINT ?= $(RUN_DIR)/checkpoints/last.pt
 SET ?=
 

@@ -222,9 +222,9 @@ def log_window(run: Run, logger, out: dict, timer, lrs, window_steps: int, t_win
                             f"weights were not updated; last checkpoint: "
                             f"{checkpoint.latest(run.run_dir) or 'none'}")
     images = window_steps * run.cfg.data.batch_size
+    loss, on_diag, off_diag = torch.stack([out["loss"], out["loss_on_diag"], out["loss_off_diag"]]).tolist()
     logger.log({
-        "loss": out["loss"].item(), "loss_on_diag": out["loss_on_diag"].item(),
-        "loss_off_diag": out["loss_off_diag"].item(), "lr": lrs[0], "lr_biases": lrs[1],
+        "loss": loss, "loss_on_diag": on_diag, "loss_off_diag": off_diag, "lr": lrs[0], "lr_biases": lrs[1],
         "images": images, "images_per_s": images / max(t_window, 1e-9),
         "epoch": run.step / max(1, len(run.loader)), "nonfinite_steps": nonfinite,
         "durations": timer.collect(),
