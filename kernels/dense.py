@@ -44,19 +44,9 @@ from bt_fast.kernels.gram import gather_pair  # noqa: E402
 
 
 @triton.jit
-def _tile_terms_fwd_kernel(
-    a_ptr,  # [N, D] normalized view 1
-    b_ptr,  # [N, D] normalized view 2
-    part_ptr,  # [T_I * T_J, 2] fp32 out: per tile (sum (c_ii-1)^2, sum_{i!=j} c_ij^2)
-    N, D,
-    stride_an, stride_ad, stride_bn, stride_bd,
-    inv_n,  # 1 / N
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    offs_i = pid_i * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_j = pid_j * BLOCK_D + tl.arange(0, BLOCK_D)
+def _c_tile(a_ptr, b_ptr, offs_i, offs_j, N, D, stride_an, stride_ad, stride_bn, stride_bd, inv_n,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """c[I, J] = A[:, I]^T B[:, J] / N for one [BLOCK_D, BLOCK_D] tile, fp32 accumulation."""
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -71,7 +61,25 @@ def _tile_terms_fwd_kernel(
             acc = tl.dot(a_t, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a_t, b, acc)
-    c = acc * inv_n  # [BLOCK_D, BLOCK_D] tile of c
+    return acc * inv_n
+
+
+@triton.jit
+def _tile_terms_fwd_kernel(
+    a_ptr,  # [N, D] normalized view 1
+    b_ptr,  # [N, D] normalized view 2
+    part_ptr,  # [T_I * T_J, 2] fp32 out: per tile (sum (c_ii-1)^2, sum_{i!=j} c_ij^2)
+    N, D,
+    stride_an, stride_ad, stride_bn, stride_bd,
+    inv_n,  # 1 / N
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_i = pid_i * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = pid_j * BLOCK_D + tl.arange(0, BLOCK_D)
+    c = _c_tile(a_ptr, b_ptr, offs_i, offs_j, N, D, stride_an, stride_ad, stride_bn, stride_bd,
+                inv_n, BLOCK_N, BLOCK_D, FP32_IEEE, UPCAST)  # [BLOCK_D, BLOCK_D] tile of c
     valid = (offs_i[:, None] < D) & (offs_j[None, :] < D)
     is_diag = offs_i[:, None] == offs_j[None, :]
     on = tl.sum(tl.sum(tl.where(valid & is_diag, (c - 1.0) * (c - 1.0), 0.0), axis=1), axis=0)
@@ -98,21 +106,9 @@ def _tile_terms_bwd_kernel(
     g_off = tl.load(g_ptr + 1)
     for j0 in range(0, D, BLOCK_D):
         offs_j = j0 + tl.arange(0, BLOCK_D)
-        # recompute the tile c[I, J] over all N rows
-        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            a_t = tl.load(a_ptr + offs_i[:, None] * stride_ad + offs_n[None, :] * stride_an,
-                          mask=(offs_i[:, None] < D) & (offs_n[None, :] < N), other=0.0)
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_j[None, :] * stride_bd,
-                        mask=(offs_n[:, None] < N) & (offs_j[None, :] < D), other=0.0)
-            if UPCAST:
-                a_t, b = a_t.to(tl.float32), b.to(tl.float32)
-            if FP32_IEEE:
-                acc = tl.dot(a_t, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a_t, b, acc)
-        c = acc * inv_n
+        # recompute the tile c[I, J] over all N rows (the same code as forward)
+        c = _c_tile(a_ptr, b_ptr, offs_i, offs_j, N, D, stride_an, stride_ad, stride_bn, stride_bd,
+                    inv_n, BLOCK_N, BLOCK_D, FP32_IEEE, UPCAST)
         valid = (offs_i[:, None] < D) & (offs_j[None, :] < D)
         is_diag = offs_i[:, None] == offs_j[None, :]
         g = tl.where(is_diag, 2.0 * g_on * (c - 1.0), 2.0 * g_off * c)
