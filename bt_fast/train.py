@@ -71,7 +71,10 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     timer.mark("backward")
-    finite = all_finite(loss, run.optimizer)  # device-side: a bad step is skipped, not synced
+    # Device-side: a bad step is skipped, not synced. Under fp16 the GradScaler already
+    # skips steps whose scaled gradients overflow (and lowers its scale: expected, not an
+    # error), so only the loss counts there.
+    finite = torch.isfinite(loss) if run.scaler.is_enabled() else all_finite(loss, run.optimizer)
     run.scaler.step(run.optimizer, finite=finite)
     run.scaler.update()
     timer.mark("optimizer")

@@ -81,3 +81,9 @@ def test_finite_loss_with_nonfinite_gradient_is_skipped():
     assert bool(train.all_finite(loss.detach(), opt))
     model.weight.grad[0, 0] = float("inf")
     assert not bool(train.all_finite(loss.detach(), opt))
+
+
+def test_fp16_run_with_gradscaler_trains(dataset, tmp_path):
+    """fp16 path (GradScaler): early overflow steps are the scaler's business, not a NaN stop."""
+    assert main(smoke_args(dataset, tmp_path, "train.max_steps=2", "train.precision=fp16")) == 0
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 2
