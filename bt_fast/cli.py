@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from bt_fast.errors import EXIT_USER, UserError
+
 COMMANDS = {
     "train": ("bt_fast.train", "pretrain with Barlow Twins: bt-fast train --config PATH [--set k=v ...]"),
     "eval": ("bt_fast.eval", "evaluate a checkpoint: bt-fast eval {knn,linear,semi} --checkpoint PATH"),
@@ -42,20 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"bt-fast {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    from bt_fast.config import ConfigError
-
     try:
         return int(module.run(args) or 0)
-    except ConfigError as e:
-        print(f"bt-fast {name}: config error: {e}", file=sys.stderr)
-        return 2
-    except UsageError as e:
-        print(f"bt-fast {name}: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        print(user_error_line(name, e), file=sys.stderr)
+        return EXIT_USER
 
 
-class UsageError(Exception):
-    """Bad input the user can fix (missing folder, bad flag combination): exit 2, one line."""
+def user_error_line(command: str, error: UserError) -> str:
+    """``bt-fast COMMAND: [kind: ]message`` folded onto one line."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"bt-fast {command}: {error.kind + ': ' if error.kind else ''}{message}"
 
 
 if __name__ == "__main__":

@@ -17,11 +17,8 @@ from typing import Any, List, Optional
 
 import yaml
 
+from bt_fast.errors import ConfigError
 from bt_fast.pipelines.spec import ViewSpec
-
-
-class ConfigError(ValueError):
-    """A config problem, with the file and key in the message."""
 
 
 @dataclass

@@ -19,16 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bt_fast.errors import DataError
+
 FILELIST, CLASSES = "filelist.txt", "classes.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FMNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                   "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 # Where the Debian package dataset-fashion-mnist puts the four idx files.
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-class DataError(Exception):
-    """A data problem the user can fix; the message names the path."""
 
 
 # ------------------------------------------------------------------ file lists
@@ -219,17 +217,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        if args.what == "fashion-mnist":
-            prepare_fashion_mnist(args.out)
-        elif args.what == "synthetic":
-            make_synthetic(args.out, classes=args.classes, train_per_class=args.per_class,
-                           val_per_class=max(1, args.per_class // 4), size=tuple(args.size), seed=args.seed)
-            print(f"{args.out}: synthetic dataset ready")
-        else:
-            bad = check(args.dir)
-            return 1 if bad else 0
-    except DataError as e:
-        print(f"bt-fast data: {e}", file=sys.stderr)
-        return 2
+    if args.what == "fashion-mnist":
+        prepare_fashion_mnist(args.out)
+    elif args.what == "synthetic":
+        make_synthetic(args.out, classes=args.classes, train_per_class=args.per_class,
+                       val_per_class=max(1, args.per_class // 4), size=tuple(args.size), seed=args.seed)
+        print(f"{args.out}: synthetic dataset ready")
+    else:
+        return 1 if check(args.dir) else 0
     return 0

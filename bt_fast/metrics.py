@@ -51,6 +51,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from bt_fast.errors import MetricsPortError
+
 PHASES = ("data_wait", "forward", "backward", "comm", "optimizer")
 """Known step phases, in step order; :meth:`StepTimer.mark` accepts any name."""
 
@@ -58,10 +60,6 @@ PHASES = ("data_wait", "forward", "backward", "comm", "optimizer")
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-class MetricsPortError(OSError):
-    """The Prometheus exporter could not bind its port (usually: already in use)."""
 
 
 # ---------------------------------------------------------------- step timer

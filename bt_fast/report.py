@@ -23,6 +23,8 @@ import json
 import math
 from pathlib import Path
 
+from bt_fast.errors import UsageError
+
 PHASE_COLORS = {"data_wait": "tab:red", "forward": "tab:blue", "backward": "tab:orange",
                 "comm": "tab:purple", "optimizer": "tab:green"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -157,7 +159,6 @@ def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
     from PIL import Image
 
     from bt_fast import config
-    from bt_fast.cli import UsageError
     from bt_fast.pipelines.spec import expand
 
     files = sorted(p for p in val_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -232,8 +233,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from bt_fast.cli import UsageError
-
     jsonl = args.run_dir / "metrics.jsonl"
     if not jsonl.is_file():
         raise UsageError(f"{jsonl}: not found; is {args.run_dir} a run folder?")

@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from bt_fast import config, dist
+from bt_fast.errors import UsageError
 
 KNOBS = ("threads", "prefetch", "batch", "bucket", "precision", "channels_last", "compile")
 KEYS = {  # knob -> config key
@@ -200,8 +201,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from bt_fast.cli import UsageError
-
     knobs = [k.strip() for k in args.knobs.split(",") if k.strip()]
     unknown = [k for k in knobs if k not in KNOBS]
     if unknown or not knobs:

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from bt_fast.bench.loss import CollectiveTally, run_workers
+from bt_fast.bench.loss import CollectiveTally
+from bt_fast.procs import run_workers
 from bt_fast.kernels import barlow_twins_loss
 
 N_LOCAL, D, UPSTREAM = 13, 50, 1.7

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
 
 import torch
+
+from bt_fast.procs import run_workers
 import torch.distributed as dist
 
 from bt_fast.kernels import barlow_twins_loss, choose_impl, loss_costs, official_loss
@@ -206,33 +205,6 @@ def _comm_worker(rank: int, world: int, port: int, sizes, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(target: str, world: int, *args, timeout: float = 1800) -> None:
-    """Run ``target(rank, world, port, *args)`` in ``world`` fresh Python processes (gloo).
-
-    Plain subprocesses rather than multiprocessing's spawn, which re-runs the parent's
-    __main__ (``python -m bt_fast`` has no main guard). ``target`` is "module:function".
-    """
-    module, func = target.split(":")
-    port = free_port()
-    code = f"import json, sys; from {module} import {func} as f; f(*json.loads(sys.argv[1]))"
-    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps([rank, world, port, *args])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in range(world)]
-    failed = []
-    for rank, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=timeout)
-        if proc.returncode != 0:
-            failed.append(f"rank {rank} exited {proc.returncode}:\n{err[-3000:]}")
-    if failed:
-        raise RuntimeError("\n".join(failed))
 
 
 def bench_comm(sizes, worlds) -> list[dict]:

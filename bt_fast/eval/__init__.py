@@ -141,17 +141,12 @@ def _semi(args, loaded, train_dir, val_dir, log) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from bt_fast.cli import UsageError
-
     t0 = time.perf_counter()
     log = None if args.quiet or args.json else stderr_log
     protocol = {"knn": _knn, "linear": _linear, "semi": _semi}[args.protocol]
-    try:
-        loaded = load_backbone(args.checkpoint, random_init=args.random_init, seed=args.seed)
-        train_dir, val_dir = _dirs(args, loaded)
-        acc, extra = protocol(args, loaded, train_dir, val_dir, log)
-    except EvalError as e:
-        raise UsageError(str(e)) from None
+    loaded = load_backbone(args.checkpoint, random_init=args.random_init, seed=args.seed)
+    train_dir, val_dir = _dirs(args, loaded)
+    acc, extra = protocol(args, loaded, train_dir, val_dir, log)
     result = {
         "protocol": args.protocol if args.protocol != "semi" else f"semi{args.percent:g}",
         "top1": round(acc["top1"], 2), "top5": round(acc["top5"], 2),

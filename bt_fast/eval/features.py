@@ -30,14 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from bt_fast.config import Config, from_dict
-from bt_fast.data import DataError, read_file_list
+from bt_fast.data import read_file_list
+from bt_fast.errors import DataError, EvalError
 from bt_fast.model import build_backbone
 
 CACHE_VERSION = 1
-
-
-class EvalError(Exception):
-    """A problem the user can fix (missing file, bad checkpoint); exit 2, one line."""
 
 
 # ------------------------------------------------------------------ checkpoint
