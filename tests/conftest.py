@@ -1,16 +1,27 @@
-"""Shared test set-up: CPU twins of every GPU path.
+"""Shared test kit: CPU twins of every GPU path, and the fixtures most tests need.
 
 Triton kernels run under the interpreter when no GPU is present; the variable must be
-set before triton is first imported, hence here and not in a fixture.
+set before triton is first imported, hence at import time here and not in a fixture.
+
+Markers: ``gpu`` (skipped without CUDA) and ``slow`` (trains, spawns processes or runs
+the Triton interpreter). ``make test-fast`` runs ``-m "not slow"``; ``make test`` runs all.
 """
 
 import os
+import sys
+from pathlib import Path
 
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
 
 import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+# tests/ on sys.path so that `from helpers import ...` and worker targets
+# ("test_module:function") import from any working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,3 +33,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (configs/, scripts/, docker/ hang off it)."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """A generated labelled JPEG set, shared by the whole session: read, never write.
+
+    root/train: 4 classes x 16 images, root/val: 4 x 4, 48x40 px, each split with its
+    validated filelist.txt. Tests that change files make their own copy.
+    """
+    from bt_fast.data import make_synthetic
+
+    root = tmp_path_factory.mktemp("tiny_imagefolder")
+    make_synthetic(root, classes=4, train_per_class=16, val_per_class=4, size=(48, 40), seed=0)
+    return root
+
+
+@pytest.fixture()
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free when the test started."""
+    from bt_fast.procs import free_port as pick
+
+    return pick()
