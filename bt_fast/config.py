@@ -18,7 +18,8 @@ from typing import Any, List, Optional
 import yaml
 
 from bt_fast.errors import ConfigError
-from bt_fast.pipelines.spec import ViewSpec
+from bt_fast.kernels.loss import IMPLS
+from bt_fast.pipelines.spec import ViewSpec, expand
 
 
 @dataclass
@@ -145,6 +146,34 @@ class Config:
 def resolved_views(cfg: Config) -> List[ViewSpec]:
     """cfg.views with size 0 ("unset") replaced by data.image_size."""
     return [dataclasses.replace(v, size=v.size or cfg.data.image_size) for v in cfg.views]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Values the types allow but the trainer cannot use; ConfigError naming the key."""
+    if len(expand(cfg.views)) != 2:
+        raise ConfigError(f"views: Barlow Twins needs exactly 2 views, got {len(expand(cfg.views))}")
+    choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
+               "data.device": (cfg.data.device, ("auto", "cpu", "gpu")),
+               "data.reader": (cfg.data.reader, ("folder", "webdataset")),
+               "loss.impl": (cfg.loss.impl, IMPLS),
+               "dist.grad_compression": (cfg.dist.grad_compression, ("none", "bf16"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+    positive = {"data.batch_size": cfg.data.batch_size, "data.num_threads": cfg.data.num_threads,
+                "data.prefetch": cfg.data.prefetch, "train.log_every": cfg.train.log_every,
+                "optim.epochs": cfg.optim.epochs}
+    non_negative = {"train.max_steps": cfg.train.max_steps, "train.checkpoint_every": cfg.train.checkpoint_every,
+                    "optim.warmup_epochs": cfg.optim.warmup_epochs}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value}: must be positive")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must not be negative")
 
 
 # ---------------------------------------------------------------- YAML loading
@@ -303,3 +332,24 @@ def load(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
 def save(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def yaml_value(value) -> str:
+    """One value as inline YAML, the form ``--set`` parses back to the same value."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def read_overlay(path: str | Path) -> list[str]:
+    """An overlay file (e.g. from ``bt-fast tune``) as ``section.key=value`` overrides."""
+    values = read_yaml(path)
+    sets = []
+    for section, items in values.items():
+        if not isinstance(items, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        sets += [f"{section}.{k}={yaml_value(v)}" for k, v in items.items()]
+    return sets
+
+
+def with_value(cfg: Config, key: str, value: Any) -> Config:
+    """A copy of ``cfg`` with ``key`` (``section.key``) set to ``value``."""
+    return from_dict(apply_overrides(to_dict(cfg), [f"{key}={yaml_value(value)}"]))

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bt_fast.errors import ResumeError
+
 
 @dataclass(frozen=True)
 class Env:
@@ -262,3 +264,25 @@ class StopFlag:
             self.pending = None
         for s, h in self._previous.items():
             signal.signal(s, h)
+
+
+# ---------------------------------------------------------------- per-rank state
+
+
+def gather_per_rank(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a world of one: [obj])."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def rank_state(ckpt: dict, key: str, path, env: Env):
+    """This rank's entry of a per-rank list (data position, RNG). Shard r belongs to
+    rank r, so the world size must match."""
+    states = ckpt[key]
+    if len(states) != env.world_size:
+        raise ResumeError(f"{path}: written by {len(states)} rank(s), now {env.world_size}; "
+                          "resuming with another world size would read other images")
+    return states[env.rank]

@@ -22,9 +22,10 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from bt_fast import checkpoint, config, dist, metrics, optim
-from bt_fast.kernels import IMPLS, barlow_twins_loss
+from bt_fast.errors import EXIT_NONFINITE, ConfigError
+from bt_fast.kernels import barlow_twins_loss
 from bt_fast.model import BarlowTwins
-from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource, expand
+from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
 
 
 class NonFiniteLoss(RuntimeError):
@@ -95,7 +96,7 @@ def all_finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Te
 
 def make_loader(cfg: config.Config, env: dist.Env, state: dict | None) -> MultiViewLoader:
     if cfg.data.batch_size % env.world_size:
-        raise config.ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                                  f"the world size {env.world_size}")
     if cfg.data.reader == "webdataset":
         source = WebDatasetSource(cfg.data.webdataset)
@@ -113,32 +114,8 @@ def data_device(cfg: config.Config) -> str:
     return cfg.data.device
 
 
-def check_config(cfg: config.Config) -> None:
-    if len(expand(cfg.views)) != 2:
-        raise config.ConfigError(f"views: Barlow Twins needs exactly 2 views, got {len(expand(cfg.views))}")
-    choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
-               "data.device": (cfg.data.device, ("auto", "cpu", "gpu")),
-               "data.reader": (cfg.data.reader, ("folder", "webdataset")),
-               "loss.impl": (cfg.loss.impl, IMPLS),
-               "dist.grad_compression": (cfg.dist.grad_compression, ("none", "bf16"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise config.ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
-    positive = {"data.batch_size": cfg.data.batch_size, "data.num_threads": cfg.data.num_threads,
-                "data.prefetch": cfg.data.prefetch, "train.log_every": cfg.train.log_every,
-                "optim.epochs": cfg.optim.epochs}
-    non_negative = {"train.max_steps": cfg.train.max_steps, "train.checkpoint_every": cfg.train.checkpoint_every,
-                    "optim.warmup_epochs": cfg.optim.warmup_epochs}
-    for key, value in positive.items():
-        if value <= 0:
-            raise config.ConfigError(f"{key}={value}: must be positive")
-    for key, value in non_negative.items():
-        if value < 0:
-            raise config.ConfigError(f"{key}={value}: must not be negative")
-
-
 def setup(cfg: config.Config) -> Run:
-    check_config(cfg)
+    config.validate(cfg)
     env = dist.init(want_cuda=data_device(cfg) == "gpu" or torch.cuda.is_available())
     run_dir = Path(cfg.train.run_dir)
     torch.manual_seed(cfg.train.seed)
@@ -156,8 +133,8 @@ def setup(cfg: config.Config) -> Run:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(rank_state(ckpt, "rng", last, env))
-        step, pipeline_state = ckpt["step"], rank_state(ckpt, "pipeline", last, env)
+        checkpoint.set_rng_state(dist.rank_state(ckpt, "rng", last, env))
+        step, pipeline_state = ckpt["step"], dist.rank_state(ckpt, "pipeline", last, env)
         if env.is_main:
             print(f"resuming from {last} at step {step}", file=sys.stderr)
             warn_schedule_changes(ckpt["config"], cfg)
@@ -172,16 +149,6 @@ def setup(cfg: config.Config) -> Run:
                round(cfg.optim.warmup_epochs * steps_per_epoch))
 
 
-def rank_state(ckpt: dict, key: str, path: Path, env: dist.Env):
-    """This rank's entry of a per-rank list (data position, RNG). Shard r belongs to
-    rank r, so the world size must match."""
-    states = ckpt[key]
-    if len(states) != env.world_size:
-        raise config.ConfigError(f"{path}: written by {len(states)} rank(s), now {env.world_size}; "
-                                 "resuming with another world size would read other images")
-    return states[env.rank]
-
-
 def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
     """Resuming with other optim settings or batch size silently bends the lr schedule."""
     now = config.to_dict(cfg)
@@ -192,20 +159,11 @@ def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
         print(f"warning: resuming with a changed schedule ({'; '.join(changed)})", file=sys.stderr)
 
 
-def gather_per_rank(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a world of one: [obj])."""
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def save_checkpoint(run: Run, logger) -> None:
     """Every rank reaches this at the same step; rank 0 writes (weights are replicated;
     data positions and RNG states are per rank and gathered)."""
-    pipelines = gather_per_rank(run.loader.state_dict())
-    rngs = gather_per_rank(checkpoint.rng_state())
+    pipelines = dist.gather_per_rank(run.loader.state_dict())
+    rngs = dist.gather_per_rank(checkpoint.rng_state())
     if run.env.is_main:
         t0 = time.perf_counter()
         checkpoint.save_atomic({
@@ -288,15 +246,14 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     overlays = []
     if args.overlay:
-        from bt_fast.tune import read_overlay
-        overlays = [s for path in args.overlay for s in read_overlay(path)]
+        overlays = [s for path in args.overlay for s in config.read_overlay(path)]
     cfg = config.load(args.config, overlays + args.set)
     try:
         state = setup(cfg)
         train(state)
     except NonFiniteLoss as e:
         print(f"bt-fast train: {e}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
     finally:
         dist.close()
     return 0

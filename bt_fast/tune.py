@@ -68,14 +68,6 @@ def candidates(knob: str, cfg: config.Config, world: int, cuda: bool) -> list:
     return [current] + [v for v in values if v != current]  # the incumbent is measured first
 
 
-def with_value(cfg: config.Config, key: str, value) -> config.Config:
-    return config.from_dict(config.apply_overrides(config.to_dict(cfg), [f"{key}={_yaml(value)}"]))
-
-
-def _yaml(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
 def probe(cfg: config.Config, warmup: int, steps: int) -> dict:
     """Images/s of ``steps`` timed training steps (after ``warmup``); slowest rank's time."""
     from bt_fast import metrics, train
@@ -137,7 +129,7 @@ def tune(cfg: config.Config, knobs: list[str], *, warmup: int, steps: int, min_g
             if best is not None and value == get(best_cfg, key):
                 continue  # the incumbent, already measured
             n += 1
-            trial = with_value(best_cfg, key, value)
+            trial = config.with_value(best_cfg, key, value)
             trial.train.run_dir = str(work_dir / f"probe{n}")  # fresh: no checkpoint to resume
             try:
                 result = probe(trial, warmup, steps)
@@ -174,17 +166,6 @@ def overlay(best: config.Config, knobs: list[str]) -> dict:
         section, name = KEYS[knob].split(".")
         out.setdefault(section, {})[name] = get(best, KEYS[knob])
     return out
-
-
-def read_overlay(path: str | Path) -> list[str]:
-    """An overlay file as ``section.key=value`` overrides (for ``bt-fast train --overlay``)."""
-    values = config.read_yaml(path)
-    sets = []
-    for section, items in values.items():
-        if not isinstance(items, dict):
-            raise config.ConfigError(f"{path}: section {section!r} must be a mapping")
-        sets += [f"{section}.{k}={_yaml(v)}" for k, v in items.items()]
-    return sets
 
 
 def add_arguments(parser) -> None:
@@ -234,7 +215,7 @@ def run(args) -> int:
                   f"{top['images_per_s']:.1f} images/s.\n"
                   f"# Use: bt-fast train --config {args.config} --overlay {out}\n")
         out.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-        say("best: " + ", ".join(f"{s}.{k}={_yaml(v)}" for s, items in doc.items()
+        say("best: " + ", ".join(f"{s}.{k}={config.yaml_value(v)}" for s, items in doc.items()
                                  for k, v in items.items()))
         say(f"wrote {out}")
     return 0 if all(math.isfinite(r["images_per_s"]) for r in measured) else 1

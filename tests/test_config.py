@@ -105,7 +105,5 @@ def test_bad_override_paths_are_config_errors(sets, needle):
     ("loss.impl=fast", "loss.impl='fast'"),
 ])
 def test_trainer_rejects_meaningless_values(item, needle):
-    from bt_fast.train import check_config
-
     with pytest.raises(config.ConfigError, match=needle):
-        check_config(config.load(None, [item]))
+        config.validate(config.load(None, [item]))
