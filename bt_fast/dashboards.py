@@ -2,7 +2,9 @@
 
 ``scrape_config(nodes, gpus, port)`` lists one target per rank: rank ``local_rank`` of
 node ``n`` serves on ``<host of n>:<port + local_rank>`` (see bt_fast.metrics). The
-compose generator calls it and writes ``docker/prometheus.yml``. ``dashboard()`` is the
+compose generator (bt_fast.launch) calls it and writes ``prometheus.yml`` beside the
+generated compose file (``build/docker/`` by default); ``main()`` below writes the
+committed single-node example ``docker/prometheus.yml``. ``dashboard()`` is the
 Grafana dashboard committed as ``docker/grafana/dashboards/bt_fast.json``; a test
 checks that the file matches and runs every PromQL expression in it against a real
 Prometheus server. Regenerate both with::

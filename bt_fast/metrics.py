@@ -19,7 +19,7 @@ steps, hands one record to the object returned by :func:`open_sinks`::
 A sink is anything with ``log(record, step)`` and ``close()`` (and, optionally,
 ``log_checkpoint(seconds, step)``); adding one, e.g. TensorBoard, is one class.
 
-Prometheus names (each with a ``rank`` label; see DESIGN.md, "Metrics"):
+Prometheus names (each with a ``rank`` label; README, "Watching throughput"):
 
 =====================================  =========  =====================================
 bt_train_images_total                  counter    images this rank trained on

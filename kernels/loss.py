@@ -9,7 +9,7 @@ reference all-gathers z; dense all-reduces [2D] sums twice (normalize.py), all-g
 the normalized pair and all-reduces [4D] in backward; gram all-gathers z once and
 all-reduces [2D] (gram.py), nothing in backward.
 
-Gradient scale (DESIGN.md): on every rank, backward yields exactly d loss / d z_local
+Gradient scale (README, "Gradient scale and world size"): on every rank, backward yields exactly d loss / d z_local
 of the global loss; DDP then averages over ranks, which reproduces the official
 convention (true gradient / world size) that the published learning rates assume.
 """

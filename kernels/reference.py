@@ -12,7 +12,7 @@ with N, the means and the variances taken over the GLOBAL batch (all ranks of
 ``group``). Distributed, the oracle simply all-gathers z1 and z2 and evaluates the
 single-process formula on the global batch. The gather's backward hands each rank the
 rows of the global gradient that belong to it, so backward yields exactly
-d loss / d z_local (DESIGN.md, "Gradient scale"). It costs D^2 memory and N*D^2 flops
+d loss / d z_local (README, "Gradient scale and world size"). It costs D^2 memory and N*D^2 flops
 on every rank: an oracle, not a speed path.
 
 ``official_loss`` is the formulation of the official code, kept as the benchmark's

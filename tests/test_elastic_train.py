@@ -141,7 +141,7 @@ def test_two_nodes_match_single_process(tmp_path, data_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     cfg1 = _config(one, data_dir, max_steps=3)
-    # Gradient scale (DESIGN.md): as in the official code, each of W ranks gets 1/W of the
+    # Gradient scale (README, "Gradient scale and world size"): as in the official code, each of W ranks gets 1/W of the
     # global-loss gradient. LARS-adapted weights do not see the scale (the trust ratio
     # divides it out) except through weight decay; the 1-D BN/bias parameters take plain
     # momentum steps. So W=2 ranks == one process with lr_biases / 2 and weight_decay x 2.

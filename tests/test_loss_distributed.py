@@ -1,7 +1,7 @@
 """The loss over 2 and 3 gloo processes equals the loss on the concatenated batch.
 
 Each rank must get exactly the rows of the single-process gradient that belong to it
-(DESIGN.md "Gradient scale"): DDP's mean then gives the official convention.
+(README, "Gradient scale and world size"): DDP's mean then gives the official convention.
 """
 
 import os

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -177,14 +176,3 @@ def format_table(r: dict) -> str:
                 f"top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}"]
     return "\n".join([head, *rows])
 
-
-def main() -> int:  # python -m bt_fast.eval ...
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="bt-fast eval")
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
