@@ -1,7 +1,7 @@
 # bt_fast runbook. `make train` and `make test` set everything up on a fresh machine.
 #   make train                       Fashion-MNIST on this machine (GPU if present), then kNN
 #   make train CONFIG=configs/imagenet.yaml GPUS=8
-#   make test                        the CPU test suite
+#   make test                        the CPU test suite (make test-fast: the quick part)
 #   make bench                       side-by-side benchmarks (JSON)
 #   make eval CHECKPOINT=runs/fmnist/checkpoints/last.pt
 SHELL := /bin/bash
@@ -22,7 +22,7 @@ RUN_DIR ?= $(or $(patsubst train.run_dir=%,%,$(filter train.run_dir=%,$(SET))),$
 CHECKPOINT ?= $(RUN_DIR)/checkpoints/last.pt
 SET ?=
 
-.PHONY: setup train test bench eval lint data clean-runs docker-build docker-config docker-down
+.PHONY: setup train test test-fast bench eval lint data clean-runs docker-build docker-config docker-down
 .DEFAULT_GOAL := train
 
 setup: $(STAMP)
@@ -89,8 +89,13 @@ docker-config:
 docker-down:
 	$(COMPOSE) down
 
+# make test: everything (what CI runs). make test-fast: no training, no spawned processes,
+# no Triton interpreter (the `slow` marker): the quick loop while editing.
 test: setup
 	$(BIN)/pytest -q tests
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" tests
 
 bench: setup
 	$(BT) bench step --json

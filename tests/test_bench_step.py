@@ -2,11 +2,16 @@
 
 import json
 
+import pytest
+
 from bt_fast.cli import main
+from conftest import CONFIGS
+
+pytestmark = pytest.mark.slow  # trains a few steps of two loops
 
 
 def test_bench_step_json(capsys):
-    assert main(["bench", "step", "--json", "--config", "configs/smoke.yaml", "--batch", "8", "--steps", "1"]) == 0
+    assert main(["bench", "step", "--json", "--config", str(CONFIGS / "smoke.yaml"), "--batch", "8", "--steps", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bench"] == "step" and result["batch"] == 8
     assert result["speedup"] > 0

@@ -1,8 +1,5 @@
 """Config: defaults < YAML < --set, strict keys and types, YAML's traps, exit code 2."""
 
-import subprocess
-import sys
-
 import pytest
 
 from bt_fast import config
@@ -75,12 +72,6 @@ def test_cli_exit_code_2_with_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(p)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lr_wieghts" in err[0] and str(p) in err[0]
-
-
-def test_missing_config_file_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bt_fast", "train", "--config", str(tmp_path / "nope.yaml")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "not found" in r.stderr
 
 
 def test_view_size_0_takes_data_image_size():

@@ -7,6 +7,9 @@ import torch
 
 from bt_fast import checkpoint, config, data, train
 from bt_fast.cli import main
+from conftest import CONFIGS
+
+pytestmark = pytest.mark.slow  # every test here trains
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +21,11 @@ def dataset(tmp_path_factory):
 def smoke_args(dataset, run_dir, *extra):
     sets = [f"data.train_dir={dataset / 'train'}", f"data.val_dir={dataset / 'val'}",
             f"train.run_dir={run_dir}", *extra]
-    return ["train", "--config", "configs/smoke.yaml"] + [a for s in sets for a in ("--set", s)]
+    return ["train", "--config", str(CONFIGS / "smoke.yaml")] + [a for s in sets for a in ("--set", s)]
 
 
 def test_five_steps_lower_the_loss_on_a_fixed_batch(dataset, tmp_path):
-    cfg = config.load("configs/smoke.yaml", [f"data.train_dir={dataset / 'train'}",
+    cfg = config.load(CONFIGS / "smoke.yaml", [f"data.train_dir={dataset / 'train'}",
                                              f"train.run_dir={tmp_path}"])
     run = train.setup(cfg)
     views, _ = next(iter(run.loader))

@@ -12,6 +12,8 @@ import yaml
 from bt_fast import cli, config, tune
 from bt_fast.data import make_synthetic
 
+pytestmark = pytest.mark.slow  # each probe trains a few steps
+
 REPO = Path(__file__).resolve().parent.parent
 
 

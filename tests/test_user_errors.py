@@ -41,6 +41,7 @@ def bt_fast(*argv, cwd=None):
                           cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow  # one fresh interpreter per case
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--config", "no/such.yaml"], "config error: no/such.yaml: config file not found"),
     (["train", "--config", str(CONFIGS / "smoke.yaml"), "--set", "train.seeed=1"], "did you mean 'train.seed'"),
