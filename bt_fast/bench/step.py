@@ -57,26 +57,48 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run(args) -> int:
-    from bt_fast.train import Run
-    from bt_fast import dist
+def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
+    """(run, views): bt_fast's train step ready to call as ``contender_step(run, views)``.
 
-    cfg = config.load(args.config, args.set)
+    ``views`` are two random [batch, 3, S, S] tensors on ``device`` (channels-last when
+    configured); both groups' learning rates are their configured peaks times
+    ``lr_scale``. Shared by this benchmark and ``bt-fast doctor``.
+    """
+    from bt_fast import dist
+    from bt_fast.train import Run  # the trainer's internals: imported here only
+
     torch.manual_seed(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = BarlowTwins(cfg.model).to(device)
-    plain = copy.deepcopy(model)
-    fast = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     size = config.resolved_views(cfg)[0].size
-    views_nchw = [torch.randn(args.batch, 3, size, size, device=device) for _ in range(2)]
-    views_cl = [v.contiguous(memory_format=torch.channels_last) for v in views_nchw]
-    opt_plain, opt_fast = optim.build(plain, cfg.optim), optim.build(fast, cfg.optim)
-    for o in (opt_plain, opt_fast):
-        for g, lr in zip(o.param_groups, (cfg.optim.lr_weights, cfg.optim.lr_biases)):
-            g["lr"] = lr
+    views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
+    if cfg.train.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    opt = optim.build(model, cfg.optim)
+    set_peak_lrs(opt, cfg, lr_scale)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    run_ = Run(cfg, dist.Env(device=device), None, fast, fast, opt_fast, scaler, None, 0, 1, 1, 0)
-    fast_views = views_cl if cfg.train.channels_last else views_nchw
+    run_ = Run(cfg=cfg, env=dist.Env(device=device), run_dir=None, model=model, ddp=model,
+               optimizer=opt, scaler=scaler, loader=None, step=0, total_steps=1, last_step=1,
+               warmup_steps=0)
+    return run_, views
+
+
+def set_peak_lrs(opt, cfg, scale: float = 1.0) -> None:
+    for g, lr in zip(opt.param_groups, (cfg.optim.lr_weights, cfg.optim.lr_biases)):
+        g["lr"] = lr * scale
+
+
+def run(args) -> int:
+    cfg = config.load(args.config, args.set)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run_, fast_views = contender(cfg, args.batch, device)
+    size = fast_views[0].shape[-1]
+    # the baseline: same initial weights, NCHW views with the same values
+    plain = copy.deepcopy(run_.model).to(memory_format=torch.contiguous_format)
+    views_nchw = [v.contiguous() for v in fast_views]
+    opt_plain = optim.build(plain, cfg.optim)
+    set_peak_lrs(opt_plain, cfg)
     for _ in range(2):  # warm-up: allocator, autotuning, lazy imports
         contender_step(run_, fast_views).item()
         baseline_step(plain, views_nchw, opt_plain).item()
