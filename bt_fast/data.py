@@ -10,6 +10,7 @@ good ones.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import struct
@@ -19,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bt_fast.errors import DataError
-
-FILELIST, CLASSES = "filelist.txt", "classes.txt"
+from bt_fast.errors import DataError, DiskFullError
+from bt_fast.pipelines import filelist
+from bt_fast.pipelines.filelist import FILELIST, SourceError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FMNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                   "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
@@ -33,40 +34,32 @@ FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def write_file_list(root: Path, entries: list[tuple[str, int]], classes: list[str]) -> None:
-    """Atomically write ROOT/filelist.txt and ROOT/classes.txt."""
-    for name, text in ((FILELIST, "".join(f"{p} {y}\n" for p, y in entries)),
-                       (CLASSES, "".join(f"{c}\n" for c in classes))):
-        tmp = root / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, root / name)
+    """Atomically write ROOT/filelist.txt and ROOT/classes.txt (a full disk is one line)."""
+    try:
+        filelist.write(root, entries, classes)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(f"disk full while writing the file list of {root}; "
+                                "the previous list, if any, is intact") from None
+        raise
 
 
 def read_file_list(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     """(relative paths, labels, class names) of a checked ImageFolder root."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found")
-    if not (root / FILELIST).is_file():
-        raise DataError(f"{root}: no {FILELIST}; run `bt-fast data check {root}` first")
-    paths, labels = [], []
-    for line in (root / FILELIST).read_text().splitlines():
-        path, label = line.rsplit(" ", 1)
-        paths.append(path)
-        labels.append(int(label))
-    classes = (root / CLASSES).read_text().split() if (root / CLASSES).is_file() else []
-    return paths, labels, classes
+    try:
+        listing = filelist.read(root)
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    return listing.paths, listing.labels, listing.classes
 
 
-def _scan(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
+def _candidates(root: Path) -> dict[str, list[str]]:
+    """{class folder: sorted relative image paths} for every folder under ROOT."""
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
         raise DataError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
-    entries = []
-    for y, c in enumerate(classes):
-        for f in sorted((root / c).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                entries.append((str(f.relative_to(root)), y))
-    return entries, classes
+    return {c: [str(f.relative_to(root)) for f in sorted((root / c).rglob("*"))
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES] for c in folders}
 
 
 def _is_valid_image(path: Path) -> str | None:
@@ -81,22 +74,41 @@ def _is_valid_image(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+def _printable(rel: str) -> str:
+    # A name with undecodable bytes holds surrogates that print() cannot encode.
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def check_folder(root: Path, out=None) -> int:
-    """Decode every image under an ImageFolder root; write the good list; count bad."""
+    """Decode every image under an ImageFolder root; write the good list; count bad.
+
+    Classes are the folders with at least one good image, numbered in sorted order:
+    an empty (or all-bad) folder is not a class, so it cannot shift the labels of the
+    folders after it (eval compares the class lists of its two splits).
+    """
     out = out or sys.stdout
-    entries, classes = _scan(root)
-    good, bad = [], 0
-    for i, (rel, y) in enumerate(entries):
-        reason = _is_valid_image(root / rel)
-        if reason is None:
-            good.append((rel, y))
-        else:
-            bad += 1
-            print(f"bad image: {root / rel}: {reason}", file=out)
-        if (i + 1) % 5000 == 0:
-            print(f"  checked {i + 1}/{len(entries)} in {root}", file=sys.stderr)
-    write_file_list(root, good, classes)
-    print(f"{root}: {len(good)} good, {bad} bad, {len(classes)} classes -> {root / FILELIST}", file=out)
+    candidates = _candidates(root)
+    total = sum(len(v) for v in candidates.values())
+    good: dict[str, list[str]] = {}
+    bad = done = 0
+    for folder, rels in candidates.items():
+        for rel in rels:
+            reason = filelist.name_problem(rel) or _is_valid_image(root / rel)
+            if reason is None:
+                good.setdefault(folder, []).append(rel)
+            else:
+                bad += 1
+                print(f"bad image: {root / _printable(rel)}: {reason}", file=out)
+            done += 1
+            if done % 5000 == 0:
+                print(f"  checked {done}/{total} in {root}", file=sys.stderr)
+    classes = sorted(good)
+    skipped = [_printable(c) for c in candidates if c not in good]
+    if skipped:
+        print(f"{root}: not classes (no good image): {', '.join(skipped)}", file=out)
+    entries = [(rel, y) for y, c in enumerate(classes) for rel in good[c]]
+    write_file_list(root, entries, classes)
+    print(f"{root}: {len(entries)} good, {bad} bad, {len(classes)} classes -> {root / FILELIST}", file=out)
     return bad
 
 

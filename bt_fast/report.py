@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 from pathlib import Path
 
 from bt_fast.errors import UsageError
@@ -135,24 +136,6 @@ def metric_plots(records: list[dict], out: Path, title: str) -> list[Path]:
 # ---------------------------------------------------------------- cross-correlation
 
 
-def _view_transform(spec):
-    """torchvision's version of one ViewSpec (the official recipe's transforms)."""
-    import torchvision.transforms as T
-
-    return T.Compose([
-        T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
-                            interpolation=getattr(T.InterpolationMode, spec.interp.upper())),
-        T.RandomHorizontalFlip(spec.flip_p),
-        T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)],
-                      p=spec.jitter_p),
-        T.RandomGrayscale(spec.grayscale_p),
-        T.RandomApply([T.GaussianBlur(23, sigma=spec.blur_sigma)], p=spec.blur_p),
-        T.RandomSolarize(128, p=spec.solarize_p),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
-    ])
-
-
 def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
     """Two augmented views [B, 3, H, W] of up to ``batch`` images spread over val_dir."""
     import torch
@@ -160,6 +143,7 @@ def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
 
     from bt_fast import config
     from bt_fast.pipelines.spec import expand
+    from bt_fast.pipelines.torchvision_recipe import view_transform
 
     files = sorted(p for p in val_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
@@ -168,7 +152,8 @@ def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
     files = files[:: max(1, len(files) // batch)][:batch]
     specs = expand(config.resolved_views(cfg))[:2]
     torch.manual_seed(seed)
-    tfs = [_view_transform(s) for s in specs]
+    random.seed(seed)  # the recipe's blur and solarization draw from Python's RNG
+    tfs = [view_transform(s) for s in specs]
     images = [Image.open(f).convert("RGB") for f in files]
     return [torch.stack([tf(im) for im in images]) for tf in tfs]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from nvidia.dali import fn, types
 
-FILELIST = "filelist.txt"
+from . import filelist
+from .filelist import FILELIST, SourceError
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 SIZE_SAMPLE = 256  # files whose sizes enter a folder's fingerprint
 SHUFFLE_BUFFER = 1024  # DALI's default initial_fill: samples shuffled together
@@ -38,29 +39,21 @@ class FolderSource:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        listing = self.root / FILELIST
-        if not listing.is_file():
-            raise FileNotFoundError(f"{listing} not found: run `bt-fast data check {self.root}` "
-                                    "to validate the images and write it")
-        text = listing.read_bytes()
-        self.paths, self.labels = [], []
-        for n, line in enumerate(text.decode().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                path, label = line.rsplit(" ", 1)
-                self.labels.append(int(label))
-            except ValueError:
-                raise ValueError(f"{listing}:{n}: expected 'relative/path label', got {line!r}") from None
-            self.paths.append(path)
+        self.list = filelist.read(self.root)
+        self.paths, self.labels = self.list.paths, self.list.labels
         if not self.paths:
-            raise ValueError(f"{listing} lists no images")
+            raise SourceError(f"{self.root / FILELIST} lists no images")
         # Hash the list plus the byte sizes of up to 256 evenly spaced files: catches a
         # different dataset with the same names without a stat() of every file.
-        digest = hashlib.sha256(text)
+        digest = hashlib.sha256(self.list.raw)
         step = max(1, len(self.paths) // SIZE_SAMPLE)
         for p in self.paths[::step][:SIZE_SAMPLE]:
-            digest.update(f"{(self.root / p).stat().st_size}\n".encode())
+            try:
+                size = (self.root / p).stat().st_size
+            except OSError as e:
+                raise SourceError(f"{self.root / p}: listed in {FILELIST} but unreadable "
+                                    f"({e.strerror}); re-run `bt-fast data check {self.root}`") from None
+            digest.update(f"{size}\n".encode())
         self._sha = digest.hexdigest()
 
     def __len__(self) -> int:
@@ -91,12 +84,12 @@ class WebDatasetSource:
     def __init__(self, paths: list[str | os.PathLike], *, label_ext: str = "cls", max_label_digits: int = 9):
         self.paths = [str(p) for p in paths]
         if not self.paths:
-            raise ValueError("WebDatasetSource needs at least one .tar shard")
+            raise SourceError("WebDatasetSource needs at least one .tar shard")
         self.label_ext, self.digits = label_ext, max_label_digits
         digest, count = hashlib.sha256(), 0
         for p in self.paths:
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"{p}: WebDataset shard not found")
+                raise SourceError(f"{p}: WebDataset shard not found")
             with tarfile.open(p) as tar:
                 for m in tar:
                     base = os.path.basename(m.name)
@@ -104,7 +97,7 @@ class WebDatasetSource:
                     digest.update(f"{key}.{ext}:{m.size}\n".encode())
                     count += ext.lower() in IMAGE_EXTS
         if count == 0:
-            raise ValueError(f"no .jpg/.jpeg/.png members in {self.paths}")
+            raise SourceError(f"no .jpg/.jpeg/.png members in {self.paths}")
         self.count, self._sha = count, digest.hexdigest()
 
     def __len__(self) -> int:

@@ -3,8 +3,9 @@
 For Barlow Twins this is facebookresearch/barlowtwins ``Transform``: PIL images,
 RandomResizedCrop (bicubic), RandomHorizontalFlip, RandomApply(ColorJitter, p),
 RandomGrayscale, a PIL GaussianBlur with sigma ~ U(0.1, 2.0) applied with p, PIL
-solarization with p, ToTensor, Normalize. Defined once; the faithfulness tests and
-``bt-fast bench pipeline`` (baseline b) both import it. Needs torchvision, not DALI.
+solarization with p, ToTensor, Normalize. Defined once: the faithfulness tests,
+``bt-fast bench pipeline`` (baseline b) and ``bt-fast report`` all import it. Needs
+torchvision, not DALI.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from . import filelist
 from .spec import ViewSpec, expand
 
 _INTERP = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
@@ -74,12 +76,9 @@ class FileListDataset(torch.utils.data.Dataset):
     """An ImageFolder root read through ROOT/filelist.txt, as the DALI FolderSource reads it."""
 
     def __init__(self, root: str | Path, transform):
-        self.root, self.transform = Path(root), transform
-        self.items = []
-        for line in (self.root / "filelist.txt").read_text().splitlines():
-            if line.strip():
-                path, label = line.rsplit(" ", 1)
-                self.items.append((path, int(label)))
+        listing = filelist.read(root)
+        self.root, self.transform = listing.root, transform
+        self.items = list(zip(listing.paths, listing.labels))
 
     def __len__(self) -> int:
         return len(self.items)

@@ -68,3 +68,61 @@ def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
     assert decoded.shape == (28, 28, 3)  # RGB JPEGs
     decoded = decoded[..., 0].astype(int)
     assert np.abs(decoded - x_val[0]).mean() < 20  # JPEG q95 of noise: close, not exact
+
+
+def test_empty_class_folder_is_not_a_class(tmp_path, capsys):
+    """An empty folder sorted before the others used to become class 0 and shift every
+    label by one (kNN then scored 0 % against a val split without it)."""
+    root = data.make_synthetic(tmp_path / "s", classes=2, train_per_class=2, val_per_class=1)
+    (root / "train" / "aaa-empty").mkdir()
+    assert main(["data", "check", str(root)]) == 0
+    assert "not classes (no good image): aaa-empty" in capsys.readouterr().out
+    train, val = data.read_file_list(root / "train"), data.read_file_list(root / "val")
+    assert train[2] == val[2] == ["class0", "class1"]
+    assert sorted(set(train[1])) == [0, 1]
+
+
+def test_non_utf8_file_name_is_reported_and_the_rest_listed(tmp_path, capsys):
+    root = data.make_synthetic(tmp_path / "s", classes=2, train_per_class=2, val_per_class=1)
+    good = (root / "train" / "class0" / "0000.jpg").read_bytes()
+    folder = bytes(root / "train" / "class1")
+    with open(folder + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 name: invalid UTF-8
+        f.write(good)
+    assert main(["data", "check", str(root / "train")]) == 1
+    out = capsys.readouterr().out
+    assert "caf\\xe9.jpg: file name is not valid UTF-8" in out
+    paths, _, _ = data.read_file_list(root / "train")
+    assert len(paths) == 4
+    assert not [p for p in (root / "train").iterdir() if ".tmp" in p.name]
+
+
+def test_one_parser_skips_blank_lines_and_names_a_bad_line(tmp_path):
+    from bt_fast.pipelines import filelist
+    from bt_fast.pipelines.torchvision_recipe import FileListDataset
+
+    root = data.make_synthetic(tmp_path / "s", classes=2, train_per_class=2, val_per_class=1) / "val"
+    listing = root / "filelist.txt"
+    listing.write_text("\n" + listing.read_text() + "\n  \n")
+    assert len(FileListDataset(root, transform=None)) == 2 == len(filelist.read(root))
+    listing.write_text(listing.read_text() + "class0/0000.jpg\n")
+    with pytest.raises(data.DataError, match=r"filelist.txt:6: expected 'relative/path label'"):
+        data.read_file_list(root)
+
+
+def test_full_disk_while_writing_the_list_is_one_line_and_leaves_no_temp(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    root = data.make_synthetic(tmp_path / "s", classes=2, train_per_class=2, val_per_class=1) / "val"
+    before = (root / "filelist.txt").read_text()
+
+    def full(self, text, encoding=None):
+        Path.write_bytes(self, text.encode()[:3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert main(["data", "check", str(root)]) == 2
+    assert "disk full while writing the file list" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (root / "filelist.txt").read_text() == before
+    assert sorted(p.name for p in root.iterdir() if p.is_file()) == ["classes.txt", "filelist.txt"]

@@ -10,6 +10,7 @@ import torch
 
 from bt_fast.data import make_synthetic
 from bt_fast.pipelines import FolderSource, MultiViewLoader, ViewSpec, WebDatasetSource, presets
+from bt_fast.pipelines.filelist import SourceError
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ def test_state_from_other_world_size_or_dataset_is_refused(src, data, tmp_path):
 
 
 def test_missing_file_list_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="bt-fast data check"):
+    with pytest.raises(SourceError, match="bt-fast data check"):
         FolderSource(tmp_path)
 
 

@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+from bt_fast.data import read_file_list
+from bt_fast.errors import DataError
 from bt_fast.eval.features import (EvalError, ImageList, Prep, bf16_default, default_cache_dir,
                                    eval_transform, extract, load_backbone, split_features,
                                    stderr_log)
@@ -42,8 +44,10 @@ def knn_eval(backbone, cfg, *, train_dir: str | None = None, val_dir: str | None
     was_training = backbone.training
     bf16 = bf16_default(precision)
     feats = []
+    train_dir, val_dir = train_dir or cfg.data.train_dir, val_dir or cfg.data.val_dir
+    same_classes(train_dir, val_dir)
     try:
-        for root in (train_dir or cfg.data.train_dir, val_dir or cfg.data.val_dir):
+        for root in (train_dir, val_dir):
             dataset = ImageList(root, eval_transform(cfg))
             feats += extract(backbone, dataset, Prep(cfg), workers=workers, bf16=bf16, log=log)
     finally:
@@ -102,7 +106,27 @@ def _dirs(args, loaded) -> tuple[str, str]:
                             f"or pass --{name}-dir)")
     if Path(train).resolve() == Path(val).resolve():
         raise EvalError(f"train and val are the same folder ({train}); evaluation needs held-out val")
+    same_classes(train, val)
     return train, val
+
+
+def same_classes(train_dir, val_dir) -> list[str]:
+    """The class list both splits share; EvalError when they differ.
+
+    Labels are indices into each split's classes.txt, so two different lists make
+    label k mean two different classes and every accuracy silently wrong.
+    """
+    try:
+        train, val = read_file_list(train_dir)[2], read_file_list(val_dir)[2]
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    if train != val:
+        only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        diff = (f"only in train: {', '.join(only_t) or '-'}; only in val: {', '.join(only_v) or '-'}"
+                if only_t or only_v else "same names in another order")
+        raise EvalError(f"train {train_dir} and val {val_dir} have different classes ({diff}); "
+                        "labels would not match: re-run `bt-fast data check` on both or fix the folders")
+    return train
 
 
 def _features(args, loaded, train_dir, val_dir, log):
