@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bt_fast.errors import ResumeError
+from bt_fast.kernels.collectives import AllReduceSum as _AllReduceSum  # forward and backward sum
 
 
 @dataclass(frozen=True)
@@ -112,23 +113,6 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward sums the gradient over ranks (each rank's loss
-    depends on every rank's statistics), as torch's SyncBatchNorm backward does."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
 
 
 def _convert_cpu(module: nn.Module) -> nn.Module:

@@ -3,8 +3,8 @@
     from bt_fast.kernels import barlow_twins_loss
     loss = barlow_twins_loss(z1, z2, lambd=0.0051, impl="auto")   # fp32 scalar
 
-reference.py is the oracle; dense.py holds the Triton kernels (imported lazily: on a
-machine without CUDA it switches Triton to its interpreter); gram.py the O(N^2 D)
+reference.py is the oracle; dense.py holds the Triton kernels (imported lazily, through
+triton_env.py, the one interpreter switch); collectives.py every collective; gram.py the O(N^2 D)
 path; normalize.py the global-batch normalization; cost.py the model behind "auto".
 """
 

@@ -1,4 +1,4 @@
-"""The few collectives the loss issues, in one place, each with its cost.
+"""The collectives the losses issue, in one place, each with its cost.
 
 Every collective of the loss goes through these helpers so that the set is explicit
 (STYLE habit 4) and so that the benchmark can count what is actually sent. They look
@@ -48,3 +48,90 @@ def all_gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
     gather(out, x, group=group)
     return out
+
+
+def all_gather_pair(a1: torch.Tensor, a2: torch.Tensor, group, gather_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the local rows of both views in ONE collective -> (A, B) [N, D], no autograd.
+
+    Rows are rounded to ``gather_dtype`` on every rank (own rows included), so all
+    ranks see identical global matrices and compute the same loss. One ring
+    all-gather of [n, 2D]: (W-1) * n * 2D * itemsize bytes sent per rank.
+    """
+    if world_size(group) == 1:
+        return a1, a2
+    d = a1.shape[1]
+    both = all_gather_rows(torch.cat([a1, a2], dim=1).to(gather_dtype), group)
+    both = both.to(a1.dtype)  # [N, 2D], accumulate in a1's dtype (fp32)
+    return both[:, :d], both[:, d:]
+
+
+# ---------------------------------------------------------------- autograd-aware
+# Three backward conventions, one per way a loss can depend on other ranks' rows.
+# Every loss in bt_fast.kernels gives each rank exactly d(global loss)/d(its own rows)
+# (DESIGN.md, "Gradient scale"); which class gives that depends on what each rank
+# computes from the collective's output.
+
+
+class GatherRows(torch.autograd.Function):
+    """[n_local, D] -> [W*n_local, D]; backward keeps this rank's rows of the gradient.
+
+    For losses that EVERY rank evaluates in full on the gathered rows (the oracles):
+    the gradient each rank computes for the gathered tensor is then already the whole,
+    exact one, so no reduction is needed (a summing backward, as in the official
+    VICReg/SimCLR gather layers, would multiply it by W).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group=None):
+        ctx.n_local, ctx.rank = x.shape[0], rank(group)
+        return all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = ctx.rank * ctx.n_local
+        return grad[start : start + ctx.n_local], None
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients too (what SyncBatchNorm's statistics do).
+
+    For statistics that every rank uses in a loss of its OWN (each rank's output depends
+    on every rank's input), so d/d input collects every rank's upstream gradient.
+    Cost: two all-reduces of x.nbytes, one each way.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group=None):
+        ctx.group = group
+        return all_reduce_sum_(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum_(grad.clone(), ctx.group), None
+
+
+class GlobalSum(torch.autograd.Function):
+    """Sum over ranks of per-rank terms that depend on this rank's rows only; backward passes through.
+
+    For a global loss that is a sum of local pieces (BYOL's per-sample terms): every
+    rank gets the same total, and d total / d local piece = 1, so the local upstream
+    gradient goes to the local piece unchanged and backward issues no collective.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group=None):
+        return all_reduce_sum_(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather rows with autograd (``GatherRows``); the identity on a single rank."""
+    return GatherRows.apply(x, group) if world_size(group) > 1 else x
+
+
+def global_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of a per-rank local term over ranks with autograd (``GlobalSum``)."""
+    return GlobalSum.apply(x, group) if world_size(group) > 1 else x

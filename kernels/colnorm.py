@@ -17,16 +17,10 @@ only in the interpreter, in tests.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-# No GPU, no Triton driver: the interpreter (set before the import; see dense.py).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from bt_fast.kernels.tiles import COLNORM_BLOCK_D, COLNORM_BLOCK_N
+from bt_fast.kernels.triton_env import tl, triton
 
 
 @triton.jit
@@ -42,12 +36,12 @@ def _colnorm_pair_kernel(
     eps,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = (tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)  # int64: n * stride passes 2^31
     col_ok = cols < D
     sum1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     sum2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):  # pass 1: column sums
-        rows = n0 + tl.arange(0, BLOCK_N)
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m = (rows[:, None] < N) & col_ok[None, :]
         sum1 += tl.sum(tl.load(z1_ptr + rows[:, None] * stride_z1n + cols[None, :] * stride_z1d, mask=m, other=0.0).to(tl.float32), axis=0)
         sum2 += tl.sum(tl.load(z2_ptr + rows[:, None] * stride_z2n + cols[None, :] * stride_z2d, mask=m, other=0.0).to(tl.float32), axis=0)
@@ -56,7 +50,7 @@ def _colnorm_pair_kernel(
     sq1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     sq2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):  # pass 2: centred squares
-        rows = n0 + tl.arange(0, BLOCK_N)
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m = (rows[:, None] < N) & col_ok[None, :]
         x1 = tl.load(z1_ptr + rows[:, None] * stride_z1n + cols[None, :] * stride_z1d, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(z2_ptr + rows[:, None] * stride_z2n + cols[None, :] * stride_z2d, mask=m, other=0.0).to(tl.float32)
@@ -68,7 +62,7 @@ def _colnorm_pair_kernel(
     inv2 = 1.0 / tl.sqrt(sq2 / N + eps)
     dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):  # pass 3: normalize, write, diagonal of c
-        rows = n0 + tl.arange(0, BLOCK_N)
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m = (rows[:, None] < N) & col_ok[None, :]
         x1 = tl.load(z1_ptr + rows[:, None] * stride_z1n + cols[None, :] * stride_z1d, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(z2_ptr + rows[:, None] * stride_z2n + cols[None, :] * stride_z2d, mask=m, other=0.0).to(tl.float32)
@@ -82,7 +76,7 @@ def _colnorm_pair_kernel(
     tl.store(diag_ptr + cols, dot / N, mask=col_ok)
 
 
-def colnorm_pair(z1, z2, eps: float, *, block_n: int = 64, block_d: int = 64):
+def colnorm_pair(z1, z2, eps: float, *, block_n: int = COLNORM_BLOCK_N, block_d: int = COLNORM_BLOCK_D):
     """(a1, a2 [N, D] fp32, inv_sigma [2D] fp32, c_diag [D] fp32) of the raw pair z1, z2 [N, D]."""
     if z1.shape != z2.shape or z1.dim() != 2 or z1.device != z2.device:
         raise ValueError(f"expected two [N, D] tensors on one device, got {tuple(z1.shape)}, {tuple(z2.shape)}")

@@ -31,10 +31,24 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# (matmul flop/s fp32, matmul flop/s half, memory B/s, link B/s)
+from bt_fast.kernels.tiles import DENSE_BLOCK_D
+
+# Per-device rates. Round numbers: they order the candidates, they do not predict.
+# CPU: this project's development machines (2 shared AVX2 cores).
+CPU_MATMUL_FLOPS = 5e10  # fp32 sgemm through MKL measured 50-90 GFLOP/s here (1024x4096x1024)
+CPU_HALF_MATMUL_FLOPS = 5e10  # no bf16/fp16 matrix units: half matmuls are not faster
+CPU_MEMORY_BYTES_PER_S = 1e10  # a DDR4 channel shared by two cores (torch elementwise: 3-10 GB/s)
+CPU_LINK_BYTES_PER_S = 2e9  # gloo over loopback TCP, the CPU twin of the interconnect
+# CUDA: A100/H100-class data-centre GPUs, rounded from the vendors' data sheets.
+CUDA_MATMUL_FLOPS = 2e13  # fp32 without TF32: A100 19.5, H100 SXM 67 TFLOP/s peak
+CUDA_HALF_MATMUL_FLOPS = 2e14  # bf16 tensor cores: A100 312, H100 989 TFLOP/s peak, ~20-60 % achieved
+CUDA_MEMORY_BYTES_PER_S = 2e12  # HBM: A100-80GB 2.0, H100 SXM 3.35 TB/s
+CUDA_LINK_BYTES_PER_S = 2.5e10  # 200 Gb/s of InfiniBand per GPU between nodes (NVLink is faster)
+
+# kind -> (matmul flop/s fp32, matmul flop/s half, memory B/s, link B/s)
 RATES = {
-    "cpu": (5e10, 5e10, 1e10, 2e9),  # a few cores, loopback gloo
-    "cuda": (2e13, 2e14, 2e12, 2.5e10),  # A100/H100 class, 200 Gb/s per GPU
+    "cpu": (CPU_MATMUL_FLOPS, CPU_HALF_MATMUL_FLOPS, CPU_MEMORY_BYTES_PER_S, CPU_LINK_BYTES_PER_S),
+    "cuda": (CUDA_MATMUL_FLOPS, CUDA_HALF_MATMUL_FLOPS, CUDA_MEMORY_BYTES_PER_S, CUDA_LINK_BYTES_PER_S),
 }
 
 
@@ -71,11 +85,11 @@ def loss_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, 
     flop_rate = half_rate if half else f32_rate
     norm_sent = _ring_all_reduce(4 * 8 * D, W)
     gather_sent = _ring_all_gather(2 * n * D * s, W)
-    tiles = (D / 64) ** 2
+    tiles = (D / DENSE_BLOCK_D) ** 2  # forward programs; each writes 2 fp32
     rows = {
         "gram": (8 * n * N * D + 2 * N * D, 4 * (4 * N * D + 2 * n * N + 4 * n * D), 4 * 4 * (N * D + n * N),
                  gather_sent + _ring_all_reduce(4 * 2 * D, W)),
-        "dense": (6 * N * D * D + 4 * n * D * D, 8 * tiles + 2 * N * D * s, 3 * 2 * N * D * (D / 64) * s, gather_sent + norm_sent),
+        "dense": (6 * N * D * D + 4 * n * D * D, 8 * tiles + 2 * N * D * s, 3 * 2 * N * D * (D / DENSE_BLOCK_D) * s, gather_sent + norm_sent),
         "reference": (6 * N * D * D, 16 * D * D + 8 * N * D, 4 * 4 * D * D, _ring_all_gather(2 * n * D * s, W)),
         "official": (6 * n * D * D, 16 * D * D, 4 * 4 * D * D, _ring_all_reduce(4 * D * D, W) + norm_sent),
     }

@@ -50,20 +50,6 @@ from bt_fast.kernels import collectives
 from bt_fast.kernels.normalize import normalize_backward
 
 
-def gather_pair(a1, a2, group, gather_dtype):
-    """Gather the normalized local rows of both views in one collective -> (A, B) [N, D].
-
-    Rows are rounded to ``gather_dtype`` on every rank (own rows included), so all
-    ranks see identical global matrices and compute the same loss.
-    """
-    if collectives.world_size(group) == 1:
-        return a1, a2
-    d = a1.shape[1]
-    both = collectives.all_gather_rows(torch.cat([a1, a2], dim=1).to(gather_dtype), group)
-    both = both.to(a1.dtype)  # [N, 2D], accumulate in fp32
-    return both[:, :d], both[:, d:]
-
-
 def gathered_normalize(z1, z2, eps, group, gather_dtype, fused=False):
     """All-gather the RAW pair once, normalize all N rows locally.
 

@@ -36,38 +36,6 @@ def off_diagonal(x: torch.Tensor) -> torch.Tensor:
     return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
-class _GatherRows(torch.autograd.Function):
-    """[n_local, D] -> [W*n_local, D]; backward keeps this rank's rows of the gradient.
-
-    Every rank evaluates the same global loss, so the gradient each rank computes for
-    the gathered tensor is already the full, exact one: no reduction is needed (a
-    summing backward would multiply the gradient by W).
-    """
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.n_local, ctx.rank = x.shape[0], collectives.rank(group)
-        return collectives.all_gather_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        start = ctx.rank * ctx.n_local
-        return grad[start : start + ctx.n_local], None
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward sums the gradients too (what SyncBatchNorm's stats do)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return collectives.all_reduce_sum_(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return collectives.all_reduce_sum_(grad.clone(), ctx.group), None
-
-
 def batch_normalize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """Each column to zero mean and unit (biased) variance; eps inside the sqrt."""
     mean = z.mean(dim=0)
@@ -86,7 +54,7 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float) -> torch.T
 def barlow_twins_loss_reference(z1, z2, *, lambd=0.0051, eps=1e-5, group=None, return_terms=False):
     """The official loss on the global batch; fp32 (fp64 for fp64 inputs) scalar."""
     if collectives.world_size(group) > 1:
-        z1, z2 = _GatherRows.apply(z1, group), _GatherRows.apply(z2, group)
+        z1, z2 = collectives.gather_rows(z1, group), collectives.gather_rows(z2, group)
     c = cross_correlation(z1, z2, eps)
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = off_diagonal(c).pow(2).sum()
@@ -108,7 +76,7 @@ def official_loss(z1, z2, *, lambd=0.0051, eps=1e-5, group=None):
         z = z.float()
         if w == 1:
             return batch_normalize(z, eps)
-        sums = _AllReduceSum.apply(torch.cat([z.sum(0), z.pow(2).sum(0)]), group)
+        sums = collectives.AllReduceSum.apply(torch.cat([z.sum(0), z.pow(2).sum(0)]), group)
         mean, sq = sums.chunk(2)
         mean, var = mean / n, sq / n - (mean / n) ** 2
         return (z - mean) / torch.sqrt(var + eps)

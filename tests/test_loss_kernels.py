@@ -11,7 +11,7 @@ from bt_fast.kernels import IMPLS, barlow_twins_loss, choose_impl, loss_costs, r
 from bt_fast.kernels.normalize import normalize_pair
 from bt_fast.kernels.reference import barlow_twins_loss_reference
 
-IMPL_NAMES = ["reference", "gram", "dense"]
+IMPL_NAMES = ["reference", "gram", pytest.param("dense", marks=pytest.mark.slow)]  # dense: interpreter
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-2, 1e-2)}
 
 
@@ -75,6 +75,7 @@ def test_two_samples_give_no_nan(impl):
     assert torch.isfinite(loss) and torch.isfinite(g1).all() and torch.isfinite(g2).all()
 
 
+@pytest.mark.slow
 def test_dense_kernel_across_many_tiles_and_strides():
     """Small blocks: 4 x 4 tiles, masked edges in N and D, non-contiguous inputs."""
     from bt_fast.kernels.dense import dense_terms
@@ -94,6 +95,7 @@ def test_dense_kernel_across_many_tiles_and_strides():
     assert _rel(x1.grad, y1.grad) <= 1e-4 and _rel(x2.grad, y2.grad) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gram_with_the_fused_triton_normalization(dtype):
     """The CUDA default (colnorm.py kernel) run here under the interpreter."""
@@ -121,6 +123,39 @@ def test_normalization_and_gram_pass_gradcheck():
     torch.autograd.gradcheck(lambda a, b: gram_terms(a, b, eps=1e-3), (z1, z2))
 
 
+@pytest.mark.slow
+def test_dense_backward_grid_has_enough_programs_and_covers_every_tile():
+    """The 2-D backward grid: columns of dA x shares of c's column blocks J.
+
+    Before, one program per column block (8 at D = 512); now a GPU of 132 SMs asking
+    for 264 programs gets 64 at D = 512. Every split, uneven ones included (3 shares of
+    4 J blocks), must give the same gradient at sizes that are not multiples of the
+    blocks (N = 37, D = 50 with 16 x 16 tiles), for a slice of rows (row0, n_out) as
+    on a rank of a distributed run.
+    """
+    from bt_fast.kernels.dense import backward_grid, tile_terms_backward
+
+    assert backward_grid(512, 64, 264) == (8, 8)  # was (8,): 8 programs
+    assert backward_grid(8192, 64, 264) == (128, 3)  # 384 programs, 3 partial gradients
+    assert backward_grid(50, 16, 1) == (4, 1)  # the interpreter: no split
+    assert backward_grid(50, 16, 10) == (4, 3)  # J blocks {0, 3}, {1}, {2}
+    assert backward_grid(50, 16, 10**6) == (4, 4)  # never more shares than J blocks
+
+    z1, z2 = _z(37, 50, seed=11)
+    a, b = (x.detach() for x in normalize_pair(z1, z2))  # [37, 50] float64
+    g_on, g_off = 1.3, -0.4
+    x = a.clone().requires_grad_(True)
+    c = x.T @ b / 37
+    on, off = (torch.diagonal(c) - 1).pow(2).sum(), c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    (want,) = torch.autograd.grad(g_on * on + g_off * off, x)
+    g = torch.tensor([g_on, g_off])
+    for programs in (1, 4, 8, 12, 16):
+        da = tile_terms_backward(a.float(), b.float(), g, row0=5, n_out=29, block_n=16, block_d=16,
+                                 programs=programs)
+        assert da.shape == (29, 50)
+        assert _rel(da, want[5:34]) <= 1e-5, programs
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor (in bytes) any torch op produces, forward and backward."""
 
@@ -136,7 +171,8 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("impl,makes_dxd", [("reference", True), ("dense", False), ("gram", False)])
+@pytest.mark.parametrize("impl,makes_dxd", [("reference", True), pytest.param("dense", False, marks=pytest.mark.slow),
+                                            ("gram", False)])
 def test_dense_and_gram_never_allocate_a_dxd_tensor(impl, makes_dxd):
     n, d = 20, 64  # a D x D fp32 tensor is 16 KiB, far above any [N, D] (5 KiB) or [N, N]
     z1, z2 = _z(n, d)
@@ -181,3 +217,22 @@ def test_compiled_kernels_on_gpu_match_float64(impl, dtype):
     loss_tol, grad_tol = TOL[dtype]
     assert abs(loss.double().cpu() - want).item() / want.item() <= loss_tol
     assert _rel(g1.cpu(), g1_want) <= grad_tol and _rel(g2.cpu(), g2_want) <= grad_tol
+
+
+@pytest.mark.gpu
+def test_dense_addresses_past_2_to_the_31_on_gpu():
+    """int64 offsets: a column-major [N, 64] view puts column i at i * N, past 2^31 for
+    i >= 64 at N = 2^25 + 3 (4 GiB of bf16 per view; never run: no GPU here yet)."""
+    from bt_fast.kernels.dense import tile_terms_forward
+
+    n, d = 2**25 + 3, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(d, n, device="cuda", dtype=torch.bfloat16, generator=g).T  # strides (1, n)
+    b = (a.float() + torch.randn(n, d, device="cuda", generator=g)).to(torch.bfloat16)
+    assert a.stride(1) * (d - 1) >= 2**31
+    on_diag, off_diag = tile_terms_forward(a, b)
+    c = a.float().T @ b.float() / n
+    diag = torch.diagonal(c)
+    assert abs(on_diag.item() - (diag - 1).pow(2).sum().item()) <= 1e-3 * max(1.0, on_diag.item())
+    off = c.pow(2).sum() - diag.pow(2).sum()
+    assert abs(off_diag.item() - off.item()) <= 1e-2 * off.item()

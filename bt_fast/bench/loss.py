@@ -11,9 +11,19 @@ Three measurements, side by side in one run on the same cores:
 3. the choice ``impl="auto"`` makes for each size, with the model's numbers.
 
 On a CPU the Triton kernels only run in the interpreter (a correctness twin), so
-``dense`` is timed only on a GPU or when asked for with ``--impls``. Its collectives
-are those of ``gram`` (shared code: normalization + one all-gather).
+``dense`` is timed only on a GPU or when asked for with ``--impls``. The collectives
+each impl issues per step (W > 1); part 2 counts official and gram (fp32 and bf16):
+
+    gram      forward: all-gather of the raw [n, 2D] pair (input dtype), all-reduce of
+              [2D] fp32 (row and column norms of c); backward: none
+    dense     forward: two all-reduces of [2D] fp32 (normalize.py: sums, centred
+              squares), all-gather of the normalized [n, 2D] pair (fp32, or the input
+              dtype for fp16/bf16); backward: all-reduce of [4D] fp32 (normalize.py)
+    official  forward: two all-reduces of [2D] fp32 through autograd (SyncBatchNorm-
+              style statistics of z1, then of z2), raw all-reduce of c [D, D] fp32;
+              backward: the two [2D] all-reduces again
 """
+
 
 from __future__ import annotations
 
@@ -22,14 +32,13 @@ import os
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 
 import torch
-
-from bt_fast.procs import run_workers
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
 from bt_fast.kernels import barlow_twins_loss, choose_impl, loss_costs, official_loss
+from bt_fast.procs import run_workers
 
 
 def add_arguments(parser) -> None:
@@ -110,8 +119,6 @@ def _step(fn, z1, z2) -> None:
 
 def _peak_bytes(fn, z1, z2) -> int:
     """Peak of live bytes allocated during one fwd+bwd (inputs excluded, their grads included)."""
-    from torch.profiler import ProfilerActivity, profile
-
     z1.grad = z2.grad = None  # freed before profiling starts
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _step(fn, z1, z2)
