@@ -95,7 +95,9 @@ class TrainConfig:
     channels_last: bool = True
     """Run the backbone in channels-last memory format."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the step's model (the DDP wrapper when distributed)."""
+    deterministic: bool = False
+    """GPU: deterministic cuDNN/torch kernels instead of autotuned ones (slower)."""
     seed: int = 0
     """Seeds torch and DALI (each rank's DALI seed is derived from it and the rank)."""
     log_every: int = 10

@@ -7,7 +7,8 @@ N nodes:          make train NODES=N GPUS=8 CONFIG=configs/imagenet.yaml  (see R
 The loop reads as the algorithm: two augmented views -> backbone + projector -> z1, z2
 -> cross-correlation loss over the global batch -> backward -> LARS step. A re-run
 with the same ``train.run_dir`` resumes from ``checkpoints/last.pt``, data position
-included. Host<->device syncs happen only on log steps (every ``train.log_every``).
+included. Host<->device syncs happen only on log steps (every ``train.log_every``),
+except under fp16, whose GradScaler checks for inf on the host every step.
 """
 
 from __future__ import annotations
@@ -55,6 +56,37 @@ def autocast(cfg: config.Config, device: torch.device):
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     return torch.autocast(device.type, dtype=dtype)
+
+
+def place_views(views: list[torch.Tensor], device: torch.device, channels_last: bool) -> list[torch.Tensor]:
+    """Views on the model's device in the model's memory format, whatever ``data.device`` is.
+
+    DALI's CPU pipeline hands over pageable host tensors; on a CUDA model they are pinned
+    first (one host memcpy) so the copy to the GPU is asynchronous (non_blocking) and
+    overlaps the previous step's kernels. Views already on ``device`` are not copied.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = []
+    for v in views:
+        if v.device != device:
+            if device.type == "cuda" and v.device.type == "cpu":
+                v = v.pin_memory()
+            v = v.to(device, non_blocking=True)
+        out.append(v.contiguous(memory_format=fmt))
+    return out
+
+
+def set_cudnn(cfg: config.Config) -> None:
+    """Autotune convolutions (input sizes are fixed per view), unless asked to be deterministic.
+
+    ``train.deterministic`` trades speed for run-to-run identical GPU results (cuDNN's
+    default backward kernels use atomics): what an exact-resume check on a GPU needs.
+    """
+    det = cfg.train.deterministic
+    torch.backends.cudnn.benchmark = not det
+    torch.backends.cudnn.deterministic = det
+    if det:
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) -> dict:
@@ -117,6 +149,7 @@ def data_device(cfg: config.Config) -> str:
 def setup(cfg: config.Config) -> Run:
     config.validate(cfg)
     env = dist.init(want_cuda=data_device(cfg) == "gpu" or torch.cuda.is_available())
+    set_cudnn(cfg)
     run_dir = Path(cfg.train.run_dir)
     torch.manual_seed(cfg.train.seed)
     model = BarlowTwins(cfg.model).to(env.device)
@@ -142,7 +175,12 @@ def setup(cfg: config.Config) -> Run:
     steps_per_epoch = len(loader)
     total = max(1, round(cfg.optim.epochs * steps_per_epoch))
     last_step = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
-    ddp = dist.wrap_ddp(torch.compile(model) if cfg.train.compile else model, cfg.dist, env)
+    ddp = dist.wrap_ddp(model, cfg.dist, env)
+    if cfg.train.compile:
+        # Compile the DDP wrapper, not the module inside it: DDP's hooks (and the
+        # SyncBatchNorm all-reduces) then stay visible to dynamo instead of breaking
+        # the graph at every bucket. Checkpoints keep storing the plain ``model``.
+        ddp = torch.compile(ddp)
     if env.is_main:
         config.save(cfg, run_dir / "config.yaml")
     return Run(cfg, env, run_dir, model, ddp, optimizer, scaler, loader, step, total, last_step,
@@ -206,6 +244,7 @@ def train(run: Run) -> None:
         while run.step < run.last_step and not stopping:
             timer.start()
             for views, _labels in run.loader:
+                views = place_views(views, env.device, cfg.train.channels_last)
                 timer.mark("data_wait")
                 lrs = optim.set_lr(run.optimizer, run.step, cfg.optim, global_batch=cfg.data.batch_size,
                                    warmup_steps=run.warmup_steps, total_steps=run.total_steps)
