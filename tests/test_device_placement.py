@@ -1,6 +1,7 @@
 """GPU-only lines shown on the CPU by faking the device: views reach the model's device
 (pinned, non-blocking) whatever data.device says; cuDNN flags follow the config."""
 
+import pytest
 import torch
 
 from bt_fast import config, train
@@ -54,3 +55,25 @@ def test_cudnn_autotunes_unless_deterministic():
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
         torch.use_deterministic_algorithms(before[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_resume_is_exact_on_a_gpu_when_deterministic(tiny_imagefolder, tmp_path):
+    """The CPU resume test's GPU twin: cuDNN's default backward is not deterministic,
+    so the comparison runs with train.deterministic=true (bit-exact is then expected)."""
+    from bt_fast import checkpoint
+    from bt_fast.cli import main
+    from conftest import CONFIGS
+
+    def args(run, steps):
+        sets = [f"data.train_dir={tiny_imagefolder / 'train'}", f"train.run_dir={run}",
+                f"train.max_steps={steps}", "train.deterministic=true", "data.device=gpu"]
+        return ["train", "--config", str(CONFIGS / "smoke.yaml")] + [a for s in sets for a in ("--set", s)]
+
+    assert main(args(tmp_path / "a", 4)) == 0
+    assert main(args(tmp_path / "b", 2)) == 0 and main(args(tmp_path / "b", 4)) == 0
+    a = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
