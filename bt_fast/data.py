@@ -62,18 +62,6 @@ def _candidates(root: Path) -> dict[str, list[str]]:
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES] for c in folders}
 
 
-def _is_valid_image(path: Path) -> str | None:
-    """None if the file fully decodes, else the reason."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as im:
-            im.load()  # full decode: catches truncated files that verify() misses
-        return None
-    except Exception as e:  # PIL raises many types for bad data
-        return f"{type(e).__name__}: {e}"
-
-
 def _printable(rel: str) -> str:
     # A name with undecodable bytes holds surrogates that print() cannot encode.
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
@@ -93,7 +81,7 @@ def check_folder(root: Path, out=None) -> int:
     bad = done = 0
     for folder, rels in candidates.items():
         for rel in rels:
-            reason = filelist.name_problem(rel) or _is_valid_image(root / rel)
+            reason = filelist.name_problem(rel) or filelist.image_problem(root / rel)
             if reason is None:
                 good.setdefault(folder, []).append(rel)
             else:

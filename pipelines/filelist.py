@@ -5,7 +5,7 @@
 ``classes.txt``) and ``classes.txt`` (one class folder name per line). The DALI reader,
 the torchvision reference recipe, evaluation and ``bt_fast.data`` all read the list
 through :func:`read`, so a blank line, a bad label or a missing list means the same thing
-everywhere. Plain Python and NumPy: no DALI, no trainer imports.
+everywhere. Plain Python and NumPy: no DALI, nothing of the trainer but its error family.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from bt_fast.errors import DataError
+
 FILELIST, CLASSES = "filelist.txt", "classes.txt"
 
 
-class SourceError(ValueError):
+class SourceError(DataError, ValueError):
     """Data that cannot be read as listed: a missing or malformed file list, a missing
-    shard, a listed file gone, an image that no longer decodes. Names the file."""
+    shard, a listed file gone, an image that no longer decodes. Names the file; a
+    ``DataError``, so the CLI reports it in one line (exit 2)."""
 
 
 @dataclass
@@ -98,6 +101,26 @@ def write(root: str | os.PathLike, entries: list[tuple[str, int]], classes: list
             os.replace(tmp, root / name)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """None if the file exists and fully decodes (PIL), else the reason.
+
+    ``data check`` runs it on every file; the DALI reader runs it to name the file
+    that stopped a pipeline (DALI's decoder error names none).
+    """
+    from PIL import Image  # the decoder: only the checks need it
+
+    try:
+        if os.stat(path).st_size == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            im.load()  # full decode: catches truncated files that verify() misses
+        return None
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as e:  # PIL raises many types for bad data
+        return f"{type(e).__name__}: {e}"
 
 
 def name_problem(rel: str) -> str | None:

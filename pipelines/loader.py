@@ -19,15 +19,23 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import sys
 
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from bt_fast.errors import ResumeError
+
+from .filelist import FILELIST, SourceError
 from .ops import COINS
 from .pipeline import READER, multiview_pipeline
 from .spec import ViewSpec, expand
 
-STATE_FORMAT = 2  # 2: fused linear colour graph (hue="linear" default)
+STATE_FORMAT = 3  # 2: fused linear colour graph (hue="linear" default); 3: records the device
+
+
+class StateMismatch(ResumeError, ValueError):
+    """A saved loader state this loader cannot continue from; names what differs."""
 
 
 def rank_seed(seed: int, shard_id: int) -> int:
@@ -45,12 +53,25 @@ class MultiViewLoader:
 
     Every rank yields ``len(loader) = (len(source) // num_shards) // batch_size`` batches
     per epoch (drop last); a rank whose shard holds one more batch runs and discards it.
+
+    Resuming: ``state`` continues exactly (same batches, same pixels) on the same data,
+    shards, views and device; anything else raises ``StateMismatch``. With
+    ``position_only=True`` the dataset may differ (a file list that lost bad files): the
+    epoch counter is kept, DALI's reader state (which belongs to the old list) is not,
+    and a fresh reader starts at the next epoch boundary, so the unread rest of the
+    interrupted epoch is skipped once. The data device is part of the state: CPU and GPU
+    graphs draw different random numbers, so a state is refused on the other device.
+
+    A file that became unreadable after ``bt-fast data check`` stops DALI without a
+    name; the loader then finds it (``FolderSource.find_unreadable``) and raises
+    ``SourceError`` naming it.
     """
 
     def __init__(self, source, views: list[ViewSpec], batch_size: int, *, device: str = "cpu",
                  num_threads: int = 2, prefetch: int = 2, seed: int = 0, shard_id: int = 0,
                  num_shards: int = 1, state: dict | None = None, decode: str = "once",
-                 debug: bool = False, device_id: int | None = None, hue: str = "linear"):
+                 debug: bool = False, device_id: int | None = None, hue: str = "linear",
+                 position_only: bool = False):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device={device!r}: use 'cpu' or 'gpu'")
         if not 0 <= shard_id < num_shards:
@@ -63,20 +84,23 @@ class MultiViewLoader:
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self._len = (len(source) // num_shards) // self.batch_size
         if self._len == 0:
-            raise ValueError(f"{len(source)} images over {num_shards} shard(s) give no full batch "
-                             f"of {self.batch_size}: lower the batch size")
+            raise SourceError(f"{len(source)} images over {num_shards} shard(s) give no full batch "
+                              f"of {self.batch_size} per shard: lower the batch size or add images")
         self._meta = {
             "format": STATE_FORMAT, "dataset": source.fingerprint(), "num_shards": num_shards,
             "shard_id": shard_id, "batch_size": self.batch_size, "seed": seed,
             "views": json.loads(json.dumps([dataclasses.asdict(v) for v in self.views])), "decode": decode,
-            "hue": hue,
+            "hue": hue, "device": device,
         }
         checkpoint = None
         self.epoch, self._pos = 0, 0
         if state is not None:
-            self._check_state(state)
-            checkpoint = base64.b64decode(state["dali"])
+            self._check_state(state, position_only)
             self.epoch, self._pos = int(state["epoch"]), int(state["batch_in_epoch"])
+            if position_only:  # a fresh reader of the new list, at the next epoch boundary
+                self.epoch, self._pos = self.epoch + (self._pos > 0), 0
+            else:
+                checkpoint = base64.b64decode(state["dali"])
         if device == "gpu" and device_id is None:
             device_id = torch.cuda.current_device()
         self._pipe = multiview_pipeline(
@@ -100,7 +124,7 @@ class MultiViewLoader:
             self._next_epoch()
         epoch = self.epoch  # state_dict() may start the next epoch early: stop at this one's end
         while self._pos < self._len and self.epoch == epoch:
-            out = next(self._it)[0]
+            out = self._next()[0]
             self._pos += 1
             # permute: [B, H, W, 3] -> [B, 3, H, W] with channels-last strides, no copy.
             views = [out[f"view{i}"].permute(0, 3, 1, 2) for i in range(len(self.views))]
@@ -119,11 +143,29 @@ class MultiViewLoader:
         # resets it, and the loop would then run (and discard) a whole extra epoch.
         try:
             while True:
-                next(self._it)  # at most one batch this rank has beyond len(loader)
+                self._next()  # at most one batch this rank has beyond len(loader)
         except StopIteration:
             pass
         self._it.reset()
         self.epoch, self._pos = self.epoch + 1, 0
+
+    def _next(self):
+        """The next DALI batch; a pipeline stopped by an unreadable file names the file."""
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except RuntimeError as e:  # DALI's critical pipeline error; the pipeline is now dead
+            find = getattr(self.source, "find_unreadable", None)
+            found = find and find(shard_id=self.shard_id, num_shards=self.num_shards, seed=self.seed,
+                                  epoch=self.epoch, sample=self._pos * self.batch_size,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+            if not found:
+                raise  # no listed file is bad: not a data problem, keep DALI's error
+            path, reason = found
+            raise SourceError(f"{path}: {reason}; it is listed in {self.source.root / FILELIST} but "
+                              f"became unreadable after `bt-fast data check` (the data pipeline "
+                              f"stopped in epoch {self.epoch}, batch {self._pos})") from None
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out: DALI checkpoint + metadata.
@@ -139,15 +181,18 @@ class MultiViewLoader:
         return {**self._meta, "epoch": self.epoch, "batch_in_epoch": self._pos,
                 "dali": base64.b64encode(dali).decode("ascii")}
 
-    def _check_state(self, state: dict) -> None:
+    def _check_state(self, state: dict, position_only: bool) -> None:
         if not isinstance(state, dict) or "dali" not in state:
-            raise ValueError("pipeline state is not a MultiViewLoader.state_dict()")
+            raise StateMismatch("pipeline state is not a MultiViewLoader.state_dict()")
         names = {"format": "state format", "dataset": "dataset (image count / file-list hash)",
                  "num_shards": "number of shards (world size)", "shard_id": "shard id (rank)",
                  "batch_size": "per-rank batch size", "seed": "seed", "views": "views",
-                 "decode": "decode mode", "hue": "hue implementation"}
+                 "decode": "decode mode", "hue": "hue implementation",
+                 "device": "data device (set data.device to the checkpoint's)"}
+        if position_only:
+            del names["dataset"]
         diffs = [f"{label}: checkpoint has {state.get(k)!r}, this loader has {self._meta[k]!r}"
                  for k, label in names.items() if state.get(k) != self._meta[k]]
         if diffs:
-            raise ValueError("cannot resume the data pipeline from this state; it differs in "
-                             + "; ".join(diffs))
+            raise StateMismatch("cannot resume the data pipeline from this state; it differs in "
+                                + "; ".join(diffs))

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from nvidia.dali import fn, types
 
 from . import filelist
-from .filelist import FILELIST, SourceError
+from .filelist import FILELIST, SourceError, image_problem
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 SIZE_SAMPLE = 256  # files whose sizes enter a folder's fingerprint
 SHUFFLE_BUFFER = 1024  # DALI's default initial_fill: samples shuffled together
@@ -55,6 +56,7 @@ class FolderSource:
                                     f"({e.strerror}); re-run `bt-fast data check {self.root}`") from None
             digest.update(f"{size}\n".encode())
         self._sha = digest.hexdigest()
+        self._hashes = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -62,6 +64,12 @@ class FolderSource:
     def fingerprint(self) -> dict:
         """What identifies the data: kind, image count, hash of the file list and sizes."""
         return {"kind": "folder", "count": len(self), "sha256": self._sha}
+
+    def entry_hashes(self) -> np.ndarray:
+        """Sorted int64 hashes of the list's entries (see ``FileList.entry_hashes``)."""
+        if self._hashes is None:
+            self._hashes = self.list.entry_hashes()
+        return self._hashes
 
     def reader(self, *, shard_id: int, num_shards: int, seed: int, name: str):
         """(encoded images, int32 labels) DALI nodes for one shard."""
@@ -72,6 +80,40 @@ class FolderSource:
         labels = [self.labels[i] for i in order]
         return fn.readers.file(files=files, labels=labels,
                                **_common(shard_id, num_shards, seed, name, len(self)))
+
+    def find_unreadable(self, *, shard_id: int, num_shards: int, seed: int, epoch: int,
+                        sample: int, log=None) -> tuple[Path, str] | None:
+        """(path, reason) of a listed file that is gone, empty or no longer decodes.
+
+        DALI stops on such a file without naming it (NVIDIA/DALI#3913). In epoch ``e``
+        this rank reads shard ``(shard_id + e) % num_shards``, a contiguous slice of the
+        seeded order, shuffled within a buffer of SHUFFLE_BUFFER; so the files around
+        ``sample`` (samples already read this epoch) in that slice are decoded first,
+        then the rest of the list. A stat() of every file comes first: cheap, and it
+        finds deleted or emptied files. None if every file decodes (not a data problem).
+        """
+        order = np.random.default_rng(seed).permutation(len(self)).tolist()
+        n, s = len(order), (shard_id + epoch) % num_shards
+        lo, hi = n * s // num_shards, n * (s + 1) // num_shards
+        start = min(hi, lo + max(0, sample - SHUFFLE_BUFFER))
+        candidates = [self.root / self.paths[i] for i in order[start:hi] + order[lo:start] + order[:lo] + order[hi:]]
+        for path in candidates:
+            try:
+                if path.stat().st_size == 0:
+                    return path, "empty file"
+            except OSError as e:
+                return path, e.strerror or type(e).__name__
+        if log:
+            log(f"searching {n} listed files for the one DALI could not decode "
+                f"(shard {s} of {num_shards} first)")
+        chunk = 64 * (os.cpu_count() or 1)
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL
+            for k in range(0, n, chunk):
+                part = candidates[k:k + chunk]
+                for path, reason in zip(part, pool.map(image_problem, part)):
+                    if reason is not None:
+                        return path, reason
+        return None
 
 
 class WebDatasetSource:

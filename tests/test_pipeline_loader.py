@@ -10,6 +10,7 @@ import torch
 
 from bt_fast.data import make_synthetic
 from bt_fast.pipelines import FolderSource, MultiViewLoader, ViewSpec, WebDatasetSource, presets
+from bt_fast.errors import ResumeError
 from bt_fast.pipelines.filelist import SourceError
 
 
@@ -218,3 +219,42 @@ def test_gpu_device_same_contract(src):
     views, labels = next(iter(loader))
     assert all(v.is_cuda and v.is_contiguous(memory_format=torch.channels_last) for v in views)
     assert labels.is_cuda and labels.dtype == torch.int64
+
+
+def test_image_gone_bad_after_check_is_named(tmp_path):
+    """DALI's decoder error names no file; the loader finds and names it."""
+    root = make_synthetic(tmp_path / "d", classes=2, train_per_class=8, val_per_class=1, size=(24, 24))
+    src = FolderSource(root / "train")
+    bad = root / "train" / "class1" / "0005.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated after the check
+    with pytest.raises(SourceError, match=r"class1/0005\.jpg: .*listed in .*filelist\.txt"):
+        for _ in range(2):
+            list(MultiViewLoader(src, small_views(), 4))
+
+
+def test_position_only_resume_after_the_list_lost_files(tmp_path):
+    root = make_synthetic(tmp_path / "d", classes=2, train_per_class=8, val_per_class=1, size=(24, 24))
+    loader = MultiViewLoader(FolderSource(root / "train"), small_views(), 4)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()  # epoch 0, batch 1
+    (root / "train" / "class1" / "0005.jpg").unlink()
+    from bt_fast.data import check
+    check(root / "train")
+    smaller = FolderSource(root / "train")
+    with pytest.raises(ValueError, match="dataset"):
+        MultiViewLoader(smaller, small_views(), 4, state=state)
+    resumed = MultiViewLoader(smaller, small_views(), 4, state=state, position_only=True)
+    assert (resumed.epoch, len(resumed), len(list(resumed))) == (1, 3, 3)
+
+
+def test_state_from_the_other_data_device_is_refused(src):
+    state = MultiViewLoader(src, small_views(), 8).state_dict()
+    state["device"] = "gpu"
+    with pytest.raises(ResumeError, match="data device .*checkpoint has 'gpu'"):
+        MultiViewLoader(src, small_views(), 8, state=state)
+
+
+def test_fewer_images_than_one_batch_is_a_data_error(src):
+    with pytest.raises(SourceError, match="64 images over 1 shard.* no full batch of 65"):
+        MultiViewLoader(src, small_views(), 65)
