@@ -199,6 +199,43 @@ def make_synthetic(out: str | Path, *, classes: int = 4, train_per_class: int = 
     return out
 
 
+# ------------------------------------------------------------------ dev split
+
+
+def carve_dev(train_root: str | Path, out: str | Path, n_dev: int) -> tuple[Path, Path]:
+    """OUT/train (TRAIN minus its last ``n_dev`` images) and OUT/dev (those images).
+
+    The honest-tuning split: pretrain and fit probes on OUT/train, compare settings on
+    OUT/dev, and keep the real val split for the final tables only. "Last" is by file
+    name, then path: for Fashion-MNIST (``class/NNNNN.jpg``, NNNNN its index in the
+    original training file) that is exactly training images 50,000-59,999 for
+    ``n_dev=10000``. Files are hard links (no extra disk), copies across file systems.
+    """
+    import shutil
+
+    train_root, out = Path(train_root), Path(out)
+    paths, labels, classes = read_file_list(train_root)
+    if not 0 < n_dev < len(paths):
+        raise DataError(f"--dev {n_dev}: must be between 1 and {len(paths) - 1} "
+                        f"({train_root} has {len(paths)} images)")
+    order = sorted(range(len(paths)), key=lambda i: (Path(paths[i]).name, paths[i]))
+    dev = set(order[-n_dev:])
+    splits = {"train": [i for i in range(len(paths)) if i not in dev], "dev": sorted(dev)}
+    for split, idx in splits.items():
+        root = out / split
+        for i in idx:
+            dst = root / paths[i]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():
+                dst.unlink()  # a re-run with another n_dev: replace, never mix
+            try:
+                os.link(train_root / paths[i], dst)
+            except OSError:
+                shutil.copyfile(train_root / paths[i], dst)
+        write_file_list(root, [(paths[i], labels[i]) for i in idx], classes)
+    return out / "train", out / "dev"
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -206,6 +243,9 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="{fashion-mnist,synthetic,check}")
     p = sub.add_parser("fashion-mnist", help="write Fashion-MNIST as an RGB JPEG ImageFolder")
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
+    p.add_argument("--dev", type=int, default=0, metavar="N",
+                   help="also write OUT/tune/train and OUT/tune/dev: train minus its last N "
+                        "images, and those N, for tuning without touching val (e.g. 10000)")
     p = sub.add_parser("synthetic", help="write a small labelled JPEG set for tests")
     p.add_argument("--out", required=True)
     p.add_argument("--classes", type=int, default=4)
@@ -219,6 +259,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.what == "fashion-mnist":
         prepare_fashion_mnist(args.out)
+        if args.dev:
+            train, dev = carve_dev(Path(args.out) / "train", Path(args.out) / "tune", args.dev)
+            print(f"tuning split: {train} (pretrain + probe training), {dev} (decisions)",
+                  file=sys.stderr)
     elif args.what == "synthetic":
         make_synthetic(args.out, classes=args.classes, train_per_class=args.per_class,
                        val_per_class=max(1, args.per_class // 4), size=tuple(args.size), seed=args.seed)
