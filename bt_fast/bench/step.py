@@ -23,7 +23,6 @@ import torch
 
 from bt_fast import config, metrics, optim
 from bt_fast.kernels import official_loss
-from bt_fast.model import BarlowTwins
 
 
 def add_arguments(parser) -> None:
@@ -35,8 +34,9 @@ def add_arguments(parser) -> None:
 
 def baseline_step(model, views, opt) -> torch.Tensor:
     """The official loop: fp32 NCHW forward, official loss, backward, LARS step."""
-    z1, z2 = model(views)
-    loss = official_loss(z1, z2)
+    outputs = model(views)
+    # the method's official formulation (Barlow Twins: dense c and its off-diagonal copy)
+    loss = model.baseline_loss(outputs) if hasattr(model, "baseline_loss") else official_loss(*outputs)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -68,7 +68,7 @@ def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
     from bt_fast.train import Run  # the trainer's internals: imported here only
 
     torch.manual_seed(cfg.train.seed)
-    model = BarlowTwins(cfg.model).to(device)
+    model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     size = config.resolved_views(cfg)[0].size
@@ -82,6 +82,27 @@ def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
                optimizer=opt, scaler=scaler, loader=None, step=0, total_steps=1, last_step=1,
                warmup_steps=0)
     return run_, views
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """The configured method (bt_fast.methods), or Barlow Twins from bt_fast.model in a
+    tree from before the method seam; both map a list of views to their outputs."""
+    try:
+        from bt_fast import methods
+    except ImportError:
+        from bt_fast.model import BarlowTwins
+
+        return BarlowTwins(cfg.model)
+    return methods.build(cfg)
+
+
+def method_fields(cfg) -> dict:
+    """Method name, projector and loss impl, wherever this tree's config keeps them."""
+    if not hasattr(cfg, "method"):
+        return {"method": "barlow_twins", "projector": cfg.model.projector, "loss_impl": cfg.loss.impl}
+    section = getattr(cfg.method, cfg.method.name)
+    return {"method": cfg.method.name, "projector": getattr(section, "projector", None),
+            "loss_impl": getattr(section, "impl", None)}
 
 
 def set_peak_lrs(opt, cfg, scale: float = 1.0) -> None:
@@ -109,9 +130,9 @@ def run(args) -> int:
     fast_s, plain_s = statistics.median(t_fast), statistics.median(t_plain)
     result = {
         "bench": "step", "config": args.config, "batch": args.batch, "image_size": size,
-        "backbone": cfg.model.backbone, "projector": cfg.model.projector,
+        "backbone": cfg.model.backbone, **method_fields(cfg),
         "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
-        "loss_impl": cfg.loss.impl, "device": device.type, "threads": torch.get_num_threads(),
+        "device": device.type, "threads": torch.get_num_threads(),
         "bt_fast_images_per_s": args.batch / fast_s, "plain_images_per_s": args.batch / plain_s,
         "speedup": plain_s / fast_s,
     }
