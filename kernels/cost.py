@@ -110,3 +110,44 @@ def choose_impl(n_global: int, d: int, world_size: int = 1, dtype=torch.float32,
     costs = loss_costs(n_global, d, world_size, dtype, device)
     best = min(candidates(device), key=lambda impl: costs[impl].seconds)
     return best, costs
+
+
+# ---------------------------------------------------------------- VICReg
+# Per rank, for a global batch N = W n, width D, input itemsize s, both branches:
+#
+#    impl       flops                      extra memory (bytes)         sent per rank
+#    gram       8 n N D + 12 N D           4 (4 N D + 2 n N + 4 n D)    (W-1) 2 n D s + ring 24
+#    reference  8 N D^2 + 12 N D           4 (6 D^2 + 4 N D)            (W-1) 2 n D s
+#
+# gram: G_r = X_r X^T and P_r = G_r X, 2 n N D flops each per branch, an all-reduce of
+# 3 fp64 scalars; reference: X^T X forward and its gradient backward, 2 N D^2 each per
+# branch, on every rank over the whole global batch (the covariance, its off-diagonal
+# copy and their gradients are D x D). Both gather the raw pair once; neither has a
+# collective in backward. So gram wins whenever n N < N D, i.e. n < D.
+
+
+def vicreg_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, device: str = "cpu") -> dict:
+    """Modelled per-rank cost of each VICReg implementation, as {impl: ImplCost}."""
+    N, D, W = float(n_global), float(d), int(world_size)
+    n = N / W
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    s = torch.empty((), dtype=dtype).element_size()
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    flop_rate, _, mem_rate, link_rate = RATES[kind]  # both compute in fp32 whatever the input dtype
+    gather_sent = _ring_all_gather(2 * n * D * s, W)
+    rows = {
+        "gram": (8 * n * N * D + 12 * N * D, 4 * (4 * N * D + 2 * n * N + 4 * n * D), 4 * 4 * (3 * N * D + n * N),
+                 gather_sent + _ring_all_reduce(3 * 8, W)),
+        "reference": (8 * N * D * D + 12 * N * D, 4 * (6 * D * D + 4 * N * D), 4 * 6 * D * D, gather_sent),
+    }
+    out = {}
+    for impl, (flops, memory, moved, sent) in rows.items():
+        seconds = flops / flop_rate + moved / mem_rate + sent / link_rate
+        out[impl] = ImplCost(impl, flops, memory, moved, sent, seconds)
+    return out
+
+
+def choose_vicreg_impl(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, device: str = "cpu"):
+    """(impl, costs) for ``vicreg_loss(impl="auto")``: the least modelled time."""
+    costs = vicreg_costs(n_global, d, world_size, dtype, device)
+    return min(costs, key=lambda impl: costs[impl].seconds), costs

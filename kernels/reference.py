@@ -1,6 +1,10 @@
-"""The oracle: the Barlow Twins loss in plain torch, written the way the paper reads.
+"""The oracles: every loss of bt_fast.kernels in plain torch, written the way the papers read.
 
-Every test and benchmark imports this file; nothing else re-derives the loss.
+Every test and benchmark imports this file; nothing else re-derives a loss. Barlow
+Twins first; VICReg, SimCLR's NT-Xent and BYOL at the end of the file, each the same
+way: gather the global batch with ``collectives.gather_rows`` (backward keeps this
+rank's rows), evaluate the single-process formula on it, so every rank gets exactly
+d(global loss)/d(its rows).
 
 Official semantics (Zbontar et al., 2021, and facebookresearch/barlowtwins main.py):
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from bt_fast.kernels import collectives
 
@@ -88,3 +93,75 @@ def official_loss(z1, z2, *, lambd=0.0051, eps=1e-5, group=None):
     on_diag = torch.diagonal(c).add(-1).pow(2).sum()
     off_diag = off_diagonal(c).pow(2).sum()
     return on_diag + lambd * off_diag
+
+
+# ---------------------------------------------------------------- other methods
+
+
+def vicreg_loss_reference(z1, z2, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, group=None,
+                          return_terms=False):
+    """VICReg (Bardes et al., 2022) as facebookresearch/vicreg main_vicreg.py computes it.
+
+    x, y are the GLOBAL batches [N, D] of z1, z2; the two [D, D] covariances are formed.
+
+        repr_loss = mean_{n,k} (x_nk - y_nk)^2                      invariance (MSE)
+        std_x     = sqrt(unbiased var_k(x) + eps)                    [D]
+        std_loss  = mean_k relu(1 - std_x) / 2 + mean_k relu(1 - std_y) / 2
+        cov_x     = (x - mean)^T (x - mean) / (N - 1)                [D, D]
+        cov_loss  = sum_{i!=j} cov_x,ij^2 / D + sum_{i!=j} cov_y,ij^2 / D
+        loss      = sim_coeff repr_loss + std_coeff std_loss + cov_coeff cov_loss
+
+    One difference from the official code: it takes repr_loss on each rank's rows
+    and its gather layer SUMS gradients over ranks, so its gradient is W times
+    d loss / d z_local; here repr_loss is over the global batch and the gradient is
+    exactly d loss / d z_local (DESIGN.md, "Gradient scale"). With equal local batches
+    the loss values agree. Returns (loss, repr_loss, std_loss, cov_loss) with
+    ``return_terms``; fp32 (fp64 for fp64 inputs).
+    """
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    x = collectives.gather_rows(z1, group).to(dtype)
+    y = collectives.gather_rows(z2, group).to(dtype)
+    n, d = x.shape
+    repr_loss = F.mse_loss(x, y)
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + eps)
+    std_y = torch.sqrt(y.var(dim=0) + eps)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x = (x.T @ x) / (n - 1)  # [D, D]
+    cov_y = (y.T @ y) / (n - 1)
+    cov_loss = off_diagonal(cov_x).pow(2).sum().div(d) + off_diagonal(cov_y).pow(2).sum().div(d)
+    loss = sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+    return (loss, repr_loss, std_loss, cov_loss) if return_terms else loss
+
+
+def nt_xent_loss_reference(z1, z2, *, temperature=0.1, group=None):
+    """SimCLR's NT-Xent (Chen et al., 2020) on the global batch, forming [2N, 2N] logits.
+
+    u = the 2N rows of [z1; z2] scaled to unit length; for each row i, its positive is
+    the other view of the same sample and the 2N - 2 rows of the other samples are its
+    negatives:
+
+        l_i  = -log( exp(u_i.u_pos(i) / t) / sum_{k != i} exp(u_i.u_k / t) )
+        loss = mean_i l_i                                      over all 2N rows
+    """
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    z = torch.cat([collectives.gather_rows(z1, group), collectives.gather_rows(z2, group)]).to(dtype)
+    u = F.normalize(z, dim=1)  # [2N, D]
+    n2 = u.shape[0]
+    logits = (u @ u.T / temperature).masked_fill(torch.eye(n2, dtype=torch.bool, device=u.device), float("-inf"))
+    positives = (torch.arange(n2, device=u.device) + n2 // 2) % n2
+    return F.cross_entropy(logits, positives)
+
+
+def byol_loss_reference(p1, p2, z1, z2, *, group=None):
+    """BYOL's loss (Grill et al., 2020): online predictions p of one view regress the
+    target projections z of the other; z gets no gradient.
+
+        loss = mean_n [ (2 - 2 cos(p1_n, z2_n)) + (2 - 2 cos(p2_n, z1_n)) ]     over the global batch
+    """
+    dtype = torch.promote_types(p1.dtype, torch.float32)
+    p = torch.cat([collectives.gather_rows(p1, group), collectives.gather_rows(p2, group)]).to(dtype)
+    z = torch.cat([collectives.gather_rows(z2.detach(), group), collectives.gather_rows(z1.detach(), group)])
+    cos = (F.normalize(p, dim=1) * F.normalize(z.to(dtype), dim=1)).sum(1)  # [2N]
+    return (2 - 2 * cos).sum() / (p.shape[0] // 2)
