@@ -1,33 +1,50 @@
-"""Atomic checkpoints that resume exactly.
+"""Atomic checkpoints that resume exactly, and survive a bad copy or a full disk.
 
 A checkpoint is a plain dict loadable with ``torch.load(weights_only=True)``:
-model (unwrapped state_dict), optimizer, scaler, step, rng (torch CPU/CUDA and Python
-states), pipeline (the data loader's state: position inside the epoch) and config (the
-resolved config as plain data). It is written to a temp file in the same folder,
-fsynced, then renamed over ``last.pt``, so a killed run leaves either the old or the
-new checkpoint, never a torn one.
+model (unwrapped state_dict), optimizer, scaler, step, rng (per rank: torch CPU, this
+rank's CUDA device and Python states), pipeline (per rank: the data loader's state),
+data_entries (hashes of the file list's entries, see ``FileList.entry_hashes``) and
+config (the resolved config as plain data).
+
+Writing (``save``): a temp file in the same folder is written and fsynced, the current
+``last.pt`` is kept as ``prev.pt`` (a hard link, so ``last.pt`` never disappears), and
+the temp file is renamed over ``last.pt``. A killed run therefore leaves the old or the
+new checkpoint, never a torn one; a full disk leaves the previous checkpoint and no
+temp file; a ``last.pt`` that no longer loads (a copy gone wrong) falls back to
+``prev.pt`` with a warning (``load_latest``). Temp files of killed runs are removed
+when the next run starts (``prepare``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-LAST = "last.pt"
+from bt_fast.errors import CheckpointError, DiskFullError, RunDirError
+
+LAST, PREV = "last.pt", "prev.pt"
+WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile prefixes (see dist.unwrap)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+# ------------------------------------------------------------------ RNG
+
+
 def rng_state() -> dict:
+    """This process's RNG states. On a GPU only this rank's device: every rank saves
+    its own, and another rank's device state is neither ours to restore nor cheap."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -36,41 +53,173 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device
+            cuda = cuda[torch.cuda.current_device()]
+        torch.cuda.set_rng_state(cuda)
 
 
-def save_atomic(obj: dict, path: str | Path) -> None:
-    """torch.save to a temp file, fsync, rename, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+# ------------------------------------------------------------------ writing
+
+
+def prepare(run_dir: str | Path) -> Path:
+    """Create (or check) the checkpoint folder and remove temp files of killed runs.
+
+    Called by the one process that writes checkpoints, before training: a temp file
+    left by kill -9 belongs to no live writer then. An unwritable run folder is one
+    line (RunDirError) here rather than a traceback at the first checkpoint.
+    """
+    ckdir = checkpoint_dir(run_dir)
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        probe = ckdir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"run folder {run_dir} is not writable ({e.strerror or e}): "
+                          "set train.run_dir to a folder you can write") from None
+    stale = sorted(ckdir.glob(f".{LAST}.tmp.*")) + sorted(ckdir.glob(f".{PREV}.tmp.*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(f"removed {len(stale)} temp file(s) of an interrupted checkpoint write in {ckdir}",
+              file=sys.stderr)
+    return ckdir
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _no_space(error: BaseException) -> bool:
+    """True if ENOSPC is anywhere in the chain (torch.save wraps the OSError)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def save_atomic(obj: dict, path: str | Path, keep_previous: bool = False) -> None:
+    """torch.save to a temp file, fsync, (keep the old file as prev.pt,) rename, fsync.
+
+    On any error the temp file is removed; a full disk becomes DiskFullError naming
+    what survived.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            _keep_previous(path)
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if _no_space(e):
+            raise DiskFullError(f"disk full while writing {path}; {_survivor(path)}") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _keep_previous(path: Path) -> None:
+    """prev.pt := the current last.pt, without a moment where last.pt is missing."""
+    prev, tmp = path.with_name(PREV), path.with_name(f".{PREV}.tmp.{os.getpid()}")
+    try:
+        os.link(path, tmp)  # a second name for the same bytes: no copy
+        os.replace(tmp, prev)
+    except OSError:  # no hard links on this filesystem: a rename leaves prev.pt only briefly
+        tmp.unlink(missing_ok=True)
+        os.replace(path, prev)
+
+
+def _survivor(path: Path) -> str:
+    for p in (path, path.with_name(PREV)):
+        try:
+            step = torch.load(p, map_location="cpu", weights_only=True, mmap=True)["step"]
+            return f"the previous checkpoint at step {step} is intact ({p})"
+        except Exception:  # noqa: BLE001 - absent or unreadable: try the next
+            continue
+    return "there is no earlier checkpoint"
+
+
+def save(obj: dict, run_dir: str | Path) -> Path:
+    """Write RUN_DIR/checkpoints/last.pt atomically, keeping the previous one as prev.pt."""
+    path = checkpoint_dir(run_dir) / LAST
+    save_atomic(obj, path, keep_previous=True)
+    return path
+
+
+# ------------------------------------------------------------------ reading
+
+
+def strip_wrappers(state: dict) -> dict:
+    """A state_dict with DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes
+    removed (the keys of ``dist.unwrap(model).state_dict()``)."""
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPERS:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with weights_only=True; a clear error if it is not one."""
+    """Load a checkpoint with weights_only=True; CheckpointError (one line) if it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path}: not a readable bt_fast checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch raises many types for a torn or foreign file
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable bt_fast checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a bt_fast checkpoint (a {type(ckpt).__name__}, not a dict)")
     missing = {"model", "step", "config"} - set(ckpt)
     if missing:
-        raise RuntimeError(f"{path}: not a bt_fast checkpoint (missing {sorted(missing)})")
+        raise CheckpointError(f"{path}: not a bt_fast checkpoint (missing {sorted(missing)})")
     return ckpt
 
 
+def load_latest(run_dir: str | Path) -> Optional[tuple[dict, Path]]:
+    """(checkpoint, path) to resume from: last.pt, else prev.pt with a warning; None if
+    the run has none. CheckpointError when neither loads."""
+    ckdir = checkpoint_dir(run_dir)
+    last, prev = ckdir / LAST, ckdir / PREV
+    if not last.is_file() and not prev.is_file():
+        return None
+    try:
+        return load(last), last
+    except CheckpointError as e:
+        if not prev.is_file():
+            raise CheckpointError(f"{e}; no {PREV} to fall back to: move {last} away to start over") from None
+        try:
+            ckpt = load(prev)
+        except CheckpointError as e2:
+            raise CheckpointError(f"neither checkpoint loads: {e}; {e2}") from None
+        print(f"warning: {e}; resuming from the previous checkpoint {prev} (step {ckpt['step']})",
+              file=sys.stderr)
+        return ckpt, prev
+
+
 def latest(run_dir: str | Path) -> Optional[Path]:
-    path = checkpoint_dir(run_dir) / LAST
-    return path if path.is_file() else None
+    """RUN_DIR/checkpoints/last.pt (or prev.pt) if present; does not load it."""
+    for name in (LAST, PREV):
+        path = checkpoint_dir(run_dir) / name
+        if path.is_file():
+            return path
+    return None

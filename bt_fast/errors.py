@@ -15,6 +15,8 @@ EXIT_USER = 2
 """Bad input: fix it and run again. Launchers should not retry (see scripts/train.sh)."""
 EXIT_NONFINITE = 3
 """The loss stayed NaN/inf for a whole log window; the last checkpoint is intact."""
+EXIT_INTERRUPTED = 130
+"""A second Ctrl-C: stopped at once, without a checkpoint (128 + SIGINT, the shell's code)."""
 
 
 class UserError(Exception):
@@ -56,3 +58,7 @@ class MetricsPortError(UserError, OSError):
 
 class DiskFullError(UserError, OSError):
     """No space left while writing (a checkpoint, a file list); the message says what survived."""
+
+
+class RunDirError(UserError, OSError):
+    """The run folder (train.run_dir) cannot be created or written."""

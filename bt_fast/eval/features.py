@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from bt_fast import checkpoint
 from bt_fast.config import Config, from_dict
 from bt_fast.data import read_file_list
 from bt_fast.errors import DataError, EvalError
@@ -55,29 +56,15 @@ class Loaded:
     """Identifies the weights: checkpoint file identity, or 'random:<seed>'."""
 
 
-def _strip(state: dict, prefix: str) -> dict:
-    """Backbone weights from a BarlowTwins state_dict, tolerating DDP/compile prefixes."""
-    out = {}
-    for key, value in state.items():
-        for wrapper in ("module.", "_orig_mod."):
-            if key.startswith(wrapper):
-                key = key[len(wrapper):]
-        if key.startswith(prefix):
-            out[key[len(prefix):]] = value
-    return out
+def _backbone_weights(state: dict, prefix: str = "backbone.") -> dict:
+    """The backbone's weights of a method's state_dict (wrapper prefixes stripped)."""
+    return {k[len(prefix):]: v for k, v in checkpoint.strip_wrappers(state).items() if k.startswith(prefix)}
 
 
-def load_backbone(checkpoint: str | Path, *, random_init: bool = False, seed: int = 0) -> Loaded:
+def load_backbone(checkpoint_path: str | Path, *, random_init: bool = False, seed: int = 0) -> Loaded:
     """Rebuild the backbone of a checkpoint; with random_init, the same net at seeded init."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise EvalError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise EvalError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise EvalError(f"{path}: not a bt_fast checkpoint (needs 'model' and 'config')")
+    path = Path(checkpoint_path)
+    ckpt = checkpoint.load(path)  # CheckpointError (one line) for a missing or torn file
     cfg = from_dict(ckpt["config"], f"{path}:config")
     torch.manual_seed(seed)  # the random-init baseline is a pure function of the seed
     try:
@@ -87,7 +74,7 @@ def load_backbone(checkpoint: str | Path, *, random_init: bool = False, seed: in
     if random_init:
         fingerprint = f"random:{seed}"
     else:
-        weights = _strip(ckpt["model"], "backbone.")
+        weights = _backbone_weights(ckpt["model"])
         if not weights:
             raise EvalError(f"{path}: checkpoint has no 'backbone.*' weights")
         try:
