@@ -11,16 +11,15 @@ import yaml
 
 from bt_fast import cli, config, tune
 from bt_fast.data import make_synthetic
+from conftest import CONFIGS
 
 pytestmark = pytest.mark.slow  # each probe trains a few steps
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
 def smoke(tmp_path) -> Path:
     make_synthetic(tmp_path / "data", classes=2, train_per_class=16, val_per_class=1, size=(32, 32))
-    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
     cfg["data"]["train_dir"] = str(tmp_path / "data" / "train")
     cfg["train"]["run_dir"] = str(tmp_path / "run")
     path = tmp_path / "smoke.yaml"
