@@ -24,9 +24,10 @@ from bt_fast.pipelines.spec import ViewSpec, expand
 
 @dataclass
 class DataConfig:
-    train_dir: str = "data/fashion-mnist/train"
-    """ImageFolder root of the pretraining images (``class/xxx.jpg``)."""
-    val_dir: str = "data/fashion-mnist/val"
+    train_dir: str = ""
+    """ImageFolder root of the pretraining images (``class/xxx.jpg``); required with
+    reader = folder (no default dataset: configs/fmnist.yaml names Fashion-MNIST's)."""
+    val_dir: str = ""
     """ImageFolder root of the held-out images (evaluation)."""
     image_size: int = 224
     """Default view side in pixels; a view with size 0 in ``views`` takes this."""

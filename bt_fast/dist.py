@@ -203,10 +203,11 @@ class StopFlag:
     the end of the same step k+1, and then write one checkpoint together.
 
     torchrun forwards SIGTERM to its workers and waits (30 s by default) before SIGKILL;
-    one checkpoint must fit in that window.
+    one checkpoint must fit in that window. Ctrl-C (SIGINT) stops the same way; a second
+    Ctrl-C raises KeyboardInterrupt at once (no checkpoint).
     """
 
-    def __init__(self, env: Env, signals=(signal.SIGTERM,)):
+    def __init__(self, env: Env, signals=(signal.SIGTERM, signal.SIGINT)):
         self.env = env
         self.local = False
         self.group = None
@@ -218,6 +219,10 @@ class StopFlag:
             self._previous[s] = signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.local:
+            # A second Ctrl-C: the user will not wait for the step and the checkpoint.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.local = True
 
     def should_stop(self) -> bool:

@@ -23,10 +23,11 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from bt_fast import checkpoint, config, dist, metrics, optim
-from bt_fast.errors import EXIT_NONFINITE, ConfigError
+from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError, ResumeError
 from bt_fast.kernels import barlow_twins_loss
 from bt_fast.model import BarlowTwins
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
+from bt_fast.pipelines.filelist import SourceError
 
 
 class NonFiniteLoss(RuntimeError):
@@ -126,7 +127,18 @@ def all_finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Te
     return torch.isfinite(loss) & torch.isfinite(norms).all()
 
 
-def make_loader(cfg: config.Config, env: dist.Env, state: dict | None) -> MultiViewLoader:
+def make_loader(cfg: config.Config, env: dist.Env, state: dict | None,
+                entries: torch.Tensor | None = None) -> MultiViewLoader:
+    """The sharded loader, resumed from ``state`` when given.
+
+    ``entries`` (the checkpoint's file-list entry hashes) lets a resume continue after
+    ``bt-fast data check`` dropped files that went bad: a list that only LOST entries
+    resumes by position (MultiViewLoader ``position_only``: same step, fresh reader of
+    the new list from the next epoch boundary); any other change is refused.
+    """
+    if cfg.data.reader == "folder" and not cfg.data.train_dir:
+        raise ConfigError("data.train_dir is not set: name the ImageFolder root to train on "
+                          "(configs/fmnist.yaml has Fashion-MNIST's), e.g. --set data.train_dir=PATH")
     if cfg.data.batch_size % env.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                                  f"the world size {env.world_size}")
@@ -134,10 +146,19 @@ def make_loader(cfg: config.Config, env: dist.Env, state: dict | None) -> MultiV
         source = WebDatasetSource(cfg.data.webdataset)
     else:
         source = FolderSource(cfg.data.train_dir)
+    position_only = False
+    if (state is not None and entries is not None and hasattr(source, "entry_hashes")
+            and state.get("dataset") != source.fingerprint()):
+        new = torch.from_numpy(source.entry_hashes())
+        position_only = len(new) < len(entries) and bool(torch.isin(new, entries).all())
+        if position_only and env.is_main:
+            print(f"warning: {cfg.data.train_dir}: the file list lost {len(entries) - len(new)} "
+                  "image(s) since the checkpoint; resuming at its step with a fresh pass over the "
+                  "new list from the next epoch boundary", file=sys.stderr)
     return MultiViewLoader(
         source, config.resolved_views(cfg), cfg.data.batch_size // env.world_size, device=data_device(cfg),
         num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, seed=cfg.train.seed,
-        shard_id=env.rank, num_shards=env.world_size, state=state)
+        shard_id=env.rank, num_shards=env.world_size, state=state, position_only=position_only)
 
 
 def data_device(cfg: config.Config) -> str:
@@ -159,11 +180,18 @@ def setup(cfg: config.Config) -> Run:
         model = dist.convert_sync_bn(model, env)
     optimizer = optim.build(model, cfg.optim)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
-    step, pipeline_state = 0, None
-    last = checkpoint.latest(run_dir)
-    if last is not None:
-        ckpt = checkpoint.load(last)
-        model.load_state_dict(ckpt["model"])
+    step, pipeline_state, entries = 0, None, None
+    if env.is_main:
+        checkpoint.prepare(run_dir)  # writable? temp files of a killed run removed
+    found = checkpoint.load_latest(run_dir)  # last.pt, else prev.pt with a warning
+    if found is not None:
+        ckpt, last = found
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ResumeError(f"{last}: its weights do not fit this config's model "
+                              f"({str(e).strip().splitlines()[0]})") from None
+        entries = ckpt.get("data_entries")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(dist.rank_state(ckpt, "rng", last, env))
@@ -171,7 +199,7 @@ def setup(cfg: config.Config) -> Run:
         if env.is_main:
             print(f"resuming from {last} at step {step}", file=sys.stderr)
             warn_schedule_changes(ckpt["config"], cfg)
-    loader = make_loader(cfg, env, pipeline_state)
+    loader = make_loader(cfg, env, pipeline_state, entries)
     steps_per_epoch = len(loader)
     total = max(1, round(cfg.optim.epochs * steps_per_epoch))
     last_step = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
@@ -204,11 +232,15 @@ def save_checkpoint(run: Run, logger) -> None:
     rngs = dist.gather_per_rank(checkpoint.rng_state())
     if run.env.is_main:
         t0 = time.perf_counter()
-        checkpoint.save_atomic({
+        # The list's entry hashes (8 bytes per image, computed once) let a resume accept
+        # a list that only lost files that went bad (see make_loader).
+        entries = getattr(run.loader.source, "entry_hashes", None)
+        checkpoint.save({
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "step": run.step, "rng": rngs,
             "pipeline": pipelines, "config": config.to_dict(run.cfg),
-        }, checkpoint.checkpoint_dir(run.run_dir) / checkpoint.LAST)
+            **({"data_entries": torch.from_numpy(entries())} if entries else {}),
+        }, run.run_dir)
         logger.log_checkpoint(time.perf_counter() - t0, run.step)
     dist.barrier()
 
@@ -289,10 +321,19 @@ def run(args) -> int:
     cfg = config.load(args.config, overlays + args.set)
     try:
         state = setup(cfg)
-        train(state)
+        try:
+            train(state)
+        except SourceError as e:  # an image went bad mid-run: name it and the way back
+            last = checkpoint.latest(cfg.train.run_dir)
+            raise DataError(f"{e}. Recover: `bt-fast data check {cfg.data.train_dir}` drops it, then "
+                            f"the same command resumes from {last or 'the start (no checkpoint yet)'}") from None
     except NonFiniteLoss as e:
         print(f"bt-fast train: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except KeyboardInterrupt:  # a second Ctrl-C: leave now, no checkpoint
+        print("bt-fast train: interrupted twice; stopped without a checkpoint "
+              f"(the last one: {checkpoint.latest(cfg.train.run_dir) or 'none'})", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         dist.close()
     return 0

@@ -7,7 +7,9 @@ Three standard SSL evaluations of a pretrained backbone (projector dropped):
     bt-fast eval semi   --checkpoint runs/fmnist/checkpoints/last.pt --percent 10
 
 Add ``--random-init`` for the baseline: the same backbone (same config) at a seeded
-random init. Data defaults to the checkpoint config's data.train_dir / data.val_dir
+random init; add ``--pixels`` (knn and linear) for the other baseline: the normalised
+pixels themselves as features (``--config PATH`` instead of a checkpoint works too), so
+every table has three rows. Data defaults to the checkpoint config's data.train_dir / data.val_dir
 (override with --train-dir / --val-dir); any ImageFolder pair with file lists works.
 Each prints a short table; ``--json`` prints one JSON object instead
 (``{"protocol", "top1", "top5", "checkpoint", ...}``). Progress goes to stderr.
@@ -27,6 +29,7 @@ from bt_fast.eval.features import (EvalError, ImageList, Prep, bf16_default, def
                                    stderr_log)
 from bt_fast.eval.knn import knn_accuracy
 from bt_fast.eval.linear import linear_probe
+from bt_fast.eval.pixels import load_pixels
 from bt_fast.eval.semi import balanced_subset, finetune
 
 __all__ = ["add_arguments", "run", "knn_eval", "knn_accuracy", "linear_probe", "balanced_subset",
@@ -56,7 +59,8 @@ def knn_eval(backbone, cfg, *, train_dir: str | None = None, val_dir: str | None
 
 
 def _common(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="bt_fast checkpoint (RUN_DIR/checkpoints/last.pt)")
+    p.add_argument("--checkpoint", help="bt_fast checkpoint (RUN_DIR/checkpoints/last.pt); required "
+                   "except with --pixels --config")
     p.add_argument("--random-init", action="store_true",
                    help="baseline: same backbone as the checkpoint's config, seeded random init")
     p.add_argument("--seed", type=int, default=0, help="random-init, subset and SGD seed (default 0)")
@@ -79,12 +83,14 @@ def add_arguments(parser) -> None:
     _common(p)
     p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbours (default 20 200)")
     p.add_argument("--temperature", type=float, default=0.07, help="weight exp(sim/T) (default 0.07)")
+    _pixels_arguments(p)
     p = sub.add_parser("linear", help="linear probe on frozen features (official protocol, cached features)")
     _common(p)
     p.add_argument("--epochs", type=int, default=100, help="default 100 (official)")
     p.add_argument("--batch-size", type=int, default=256, help="default 256 (official)")
     p.add_argument("--lr", type=float, default=0.1, help="classifier lr, cosine to 0 (default 0.1, official)")
     p.add_argument("--weight-decay", type=float, default=1e-6, help="default 1e-6 (official)")
+    _pixels_arguments(p)
     p = sub.add_parser("semi", help="fine-tune backbone + classifier on a balanced 1%%/10%% subset")
     _common(p)
     p.add_argument("--percent", type=float, required=True, choices=[1.0, 10.0],
@@ -97,10 +103,35 @@ def add_arguments(parser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="default 0 (official)")
 
 
+def _pixels_arguments(p) -> None:
+    p.add_argument("--pixels", action="store_true",
+                   help="baseline: the normalised pixels themselves as features (same splits, "
+                        "transform and protocol; data settings from --checkpoint or --config)")
+    p.add_argument("--config", help="with --pixels and no --checkpoint: the recipe whose data "
+                                    "dirs, image size and normalisation to use")
+
+
+def _load(args):
+    """The weights to evaluate: the checkpoint's backbone, its random init, or the pixels."""
+    pixels = getattr(args, "pixels", False)
+    if pixels and args.random_init:
+        raise EvalError("--pixels and --random-init exclude each other (pixels have no weights)")
+    if pixels:
+        return load_pixels(args.checkpoint, getattr(args, "config", None))
+    if getattr(args, "config", None):
+        raise EvalError("--config only goes with --pixels; a backbone's config is in its checkpoint")
+    if not args.checkpoint:
+        raise EvalError(f"eval {args.protocol}: --checkpoint is required")
+    return load_backbone(args.checkpoint, random_init=args.random_init, seed=args.seed)
+
+
 def _dirs(args, loaded) -> tuple[str, str]:
     train = args.train_dir or loaded.cfg.data.train_dir
     val = args.val_dir or loaded.cfg.data.val_dir
     for name, d in (("train", train), ("val", val)):
+        if not d:
+            raise EvalError(f"no {name} data: the checkpoint's config has no data.{name}_dir; "
+                            f"pass --{name}-dir")
         if not Path(d, "filelist.txt").is_file():
             raise EvalError(f"{name} dir {d}: no filelist.txt (prepare it with `bt-fast data ...`, "
                             f"or pass --{name}-dir)")
@@ -130,7 +161,9 @@ def same_classes(train_dir, val_dir) -> list[str]:
 
 
 def _features(args, loaded, train_dir, val_dir, log):
-    cache = None if args.no_cache else Path(args.cache_dir or default_cache_dir(args.checkpoint))
+    # Pixel features are never cached (see eval/pixels.py: cheap to decode, huge on disk).
+    pixels = loaded.fingerprint == "pixels"
+    cache = None if args.no_cache or pixels else Path(args.cache_dir or default_cache_dir(args.checkpoint))
     kw = dict(cache_dir=cache, batch_size=args.extract_batch, workers=args.workers,
               bf16=bf16_default(args.precision), log=log)
     return split_features(loaded, train_dir, **kw) + split_features(loaded, val_dir, **kw)
@@ -167,15 +200,16 @@ def run(args) -> int:
     t0 = time.perf_counter()
     log = None if args.quiet or args.json else stderr_log
     protocol = {"knn": _knn, "linear": _linear, "semi": _semi}[args.protocol]
-    loaded = load_backbone(args.checkpoint, random_init=args.random_init, seed=args.seed)
+    loaded = _load(args)
     train_dir, val_dir = _dirs(args, loaded)
     acc, extra = protocol(args, loaded, train_dir, val_dir, log)
+    init = "pixels" if loaded.fingerprint == "pixels" else "random" if args.random_init else "pretrained"
     result = {
         "protocol": args.protocol if args.protocol != "semi" else f"semi{args.percent:g}",
         "top1": round(acc["top1"], 2), "top5": round(acc["top5"], 2),
-        "checkpoint": args.checkpoint, "step": loaded.step,
-        "init": "random" if args.random_init else "pretrained", "seed": args.seed,
-        "backbone": f"{loaded.cfg.model.backbone} width {loaded.cfg.model.width}",
+        "checkpoint": args.checkpoint or loaded.checkpoint, "step": loaded.step,
+        "init": init, "seed": args.seed,
+        "backbone": "pixels" if init == "pixels" else f"{loaded.cfg.model.backbone} width {loaded.cfg.model.width}",
         "feature_dim": loaded.feature_dim, "train_dir": train_dir, "val_dir": val_dir,
         "precision": "bf16" if bf16_default(args.precision) else "fp32",
         **extra, "seconds": round(time.perf_counter() - t0, 1),
