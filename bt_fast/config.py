@@ -18,7 +18,8 @@ from typing import Any, List, Optional
 import yaml
 
 from bt_fast.errors import ConfigError
-from bt_fast.kernels.loss import IMPLS
+from bt_fast.methods import METHODS
+from bt_fast.pipelines import presets
 from bt_fast.pipelines.spec import ViewSpec, expand
 
 
@@ -51,22 +52,30 @@ class ModelConfig:
     """torchvision ResNet: resnet18 | resnet34 | resnet50 | ..."""
     width: int = 64
     """Channels of the first stage (64 = torchvision's ResNet); smaller is cheaper."""
-    projector: str = "8192-8192-8192"
-    """Projector widths, dash separated; the last is the embedding size D."""
     small_stem: bool = False
     """3x3 stride-1 stem without max-pool, for 28-64 px images."""
     sync_bn: bool = True
     """Convert BatchNorm to SyncBatchNorm when distributed."""
 
 
-@dataclass
-class LossConfig:
-    lambd: float = 0.0051
-    """Weight of the off-diagonal (redundancy-reduction) term."""
-    eps: float = 1e-5
-    """Inside the sqrt of the per-feature batch variance."""
-    impl: str = "auto"
-    """reference | dense | gram | auto (see bt_fast.kernels)."""
+def _check_method_name(self) -> None:
+    if self.name not in METHODS:
+        raise ValueError(f"name={self.name!r}: choose one of {', '.join(METHODS)}")
+
+
+# ``method.name`` picks the method; ``method.<name>`` is each method's own section (the
+# ``Config`` dataclass declared beside its class in bt_fast/methods/), so every method's
+# heads and loss weights fall back to its own defaults whatever the config says of others.
+MethodConfig = dataclasses.make_dataclass(
+    "MethodConfig",
+    [("name", str, field(default="barlow_twins"))]
+    + [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in METHODS.items()],
+    namespace={"__post_init__": _check_method_name,
+               "__doc__": "The SSL method and each method's hyper-parameters."})
+
+MOVED = {"model.projector": "method.barlow_twins.projector", "loss.lambd": "method.barlow_twins.lambd",
+         "loss.eps": "method.barlow_twins.eps", "loss.impl": "method.barlow_twins.impl"}
+"""Keys of configs written before methods were pluggable, and where they live now."""
 
 
 @dataclass
@@ -139,7 +148,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     views: List[ViewSpec] = field(default_factory=_default_views)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -156,12 +165,13 @@ def resolved_views(cfg: Config) -> List[ViewSpec]:
 
 def validate(cfg: Config) -> None:
     """Values the types allow but the trainer cannot use; ConfigError naming the key."""
-    if len(expand(cfg.views)) != 2:
-        raise ConfigError(f"views: Barlow Twins needs exactly 2 views, got {len(expand(cfg.views))}")
+    method = METHODS[cfg.method.name]
+    if len(expand(cfg.views)) != method.n_views:
+        raise ConfigError(f"views: {method.__name__} needs exactly {method.n_views} views, "
+                          f"got {len(expand(cfg.views))}")
     choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
                "data.device": (cfg.data.device, ("auto", "cpu", "gpu")),
                "data.reader": (cfg.data.reader, ("folder", "webdataset")),
-               "loss.impl": (cfg.loss.impl, IMPLS),
                "dist.grad_compression": (cfg.dist.grad_compression, ("none", "bf16"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -260,12 +270,55 @@ def _build(cls: type, values: dict, where: str):
         raise ConfigError(f"{where or 'config'}: {e}") from e
 
 
-def from_dict(values: dict, source: str = "<dict>") -> Config:
-    """Build a Config from plain data; errors name ``source`` and the key."""
+def from_dict(values: dict, source: str = "<dict>", method: Optional[str] = None) -> Config:
+    """Build a Config from plain data; errors name ``source`` and the key.
+
+    A dict saved before methods were pluggable (no ``method`` section; Barlow Twins'
+    settings in ``model.projector`` and ``loss``) is read as that Barlow Twins config.
+    No ``views`` (or an empty list) means the method's own views (``method``, else
+    ``method.name``): its preset from bt_fast.pipelines.presets at ``data.image_size``.
+    """
+    values = upgrade(values or {})
+    if not values.get("views"):
+        name = method or _named_method(values) or MethodConfig().name
+        values = {**values, "views": method_views(name)}
     try:
-        return _build(Config, values or {}, "")
+        return _build(Config, values, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def method_views(name: str) -> list[dict]:
+    """The named method's preset views as plain data; size 0 = ``data.image_size``."""
+    preset = METHODS[name].views_preset if name in METHODS else "barlow_twins"  # bad name: named later
+    return [dataclasses.asdict(v) for v in presets.get(preset, size=0)]
+
+
+def upgrade(values: dict) -> dict:
+    """A pre-method config dict (no ``method`` section) with its MOVED keys moved."""
+    model, loss = values.get("model"), values.get("loss")
+    legacy = isinstance(loss, dict) or (isinstance(model, dict) and "projector" in model)
+    if "method" in values or not legacy:
+        return values
+    values = {**values, "model": dict(model or {})}
+    section = {k: v for k, v in (loss or {}).items()}
+    if "projector" in values["model"]:
+        section["projector"] = values["model"].pop("projector")
+    values.pop("loss", None)
+    values["method"] = {"name": "barlow_twins", "barlow_twins": section}
+    return values
+
+
+def reject_moved(values: dict, where: str) -> None:
+    """Configs a user writes must use the new keys: one line saying where each went."""
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(values.get(section), dict) and key in values[section]:
+            raise ConfigError(f"{where}: {old} is now {new} (each method has its own heads and "
+                              f"loss settings, under method.<name>)")
+    if "loss" in values:
+        raise ConfigError(f"{where}: the loss section is now method.barlow_twins (each method "
+                          f"has its own loss settings, under method.<name>)")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -326,10 +379,33 @@ def read_yaml(path: str | Path) -> dict:
 def load(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
     """Defaults < YAML file < overrides. Raises ConfigError naming file and key."""
     values = read_yaml(path) if path else {}
+    reject_moved(values, str(path or "<defaults>"))
+    method = None
     if overrides:
-        base = to_dict(from_dict(values, str(path or "<defaults>")))
+        # The method --set names decides the views a file leaves to the method, before
+        # other --set values (e.g. views.1.blur_p) apply to them.
+        method = _final_method(values, overrides)
+        base = to_dict(from_dict(values, str(path or "<defaults>"), method))
         values = apply_overrides(base, list(overrides))
-    return from_dict(values, f"{path or '<defaults>'}{' + --set' if overrides else ''}")
+        reject_moved(values, "--set")
+    return from_dict(values, f"{path or '<defaults>'}{' + --set' if overrides else ''}", method)
+
+
+def _named_method(values: dict) -> Optional[str]:
+    method = values.get("method")
+    return method.get("name") if isinstance(method, dict) else None
+
+
+def _final_method(values: dict, overrides: list[str]) -> Optional[str]:
+    """method.name after the overrides, if the file gives no views (else None: keep them)."""
+    if values.get("views"):
+        return None
+    name = _named_method(values)
+    for item in overrides:
+        path, value = _parse_override(item)
+        if path == ["method", "name"] and isinstance(value, str):
+            name = value
+    return name
 
 
 def save(cfg: Config, path: str | Path) -> None:

@@ -4,10 +4,12 @@ From ``RUN_DIR/metrics.jsonl`` (written by the JSONL sink on rank 0):
 
 - ``throughput.png``: global images/s over steps;
 - ``step_time.png``: mean step time per phase, stacked, and the data-wait share;
-- ``loss.png``: loss, its on-diagonal (invariance) and off-diagonal (redundancy) terms;
+- ``loss.png``: the loss and whatever named terms the run's method logs (Barlow Twins:
+  on-diagonal and off-diagonal; VICReg: invariance, variance, covariance);
 - ``dashboard.png``: the four above and the learning rate on one page.
 
-From ``RUN_DIR/checkpoints/last.pt``, if present (skip with ``--no-crosscorr``):
+From ``RUN_DIR/checkpoints/last.pt``, if present and the run is Barlow Twins (skip with
+``--no-crosscorr``):
 
 - ``crosscorr.png``: the cross-correlation matrix c of one validation batch, for the
   model at random initialisation (same config and seed) and for the trained model.
@@ -77,9 +79,18 @@ def plot_data_wait(ax, records):
     ax.set(title="Data-wait share of step time", xlabel="step", ylabel="%", ylim=(0, 100))
 
 
+def loss_labels(records: list[dict]) -> list[tuple[str, str]]:
+    """(record key, plot label): the loss, then every ``loss_<term>`` the run logged,
+    labelled in the paper's notation where a method declares it (``Method.terms``)."""
+    from bt_fast.methods import METHODS
+
+    known = {f"loss_{t}": label for cls in METHODS.values() for t, label in cls.terms.items()}
+    keys = dict.fromkeys(k for r in records for k in r if k.startswith("loss_"))
+    return [("loss", "loss")] + [(k, known.get(k, k.removeprefix("loss_"))) for k in keys]
+
+
 def plot_loss(ax, records):
-    for key, label in (("loss", "loss"), ("loss_on_diag", "on-diagonal  Σ(1−c_ii)²"),
-                       ("loss_off_diag", "off-diagonal  Σ c_ij² (unweighted)")):
+    for key, label in loss_labels(records):
         s, v = _series(records, key)
         if s:
             ax.plot(s, v, label=label)
@@ -159,18 +170,23 @@ def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
 
 
 def cross_correlations(ckpt_path: Path, val_dir: Path | None, batch: int):
-    """(c at random init, c trained, step, D) on one validation batch; c is [D, D]."""
+    """(c at random init, c trained, step, D) on one validation batch; c is [D, D].
+
+    None when the run's method does not draw it (``Method.crosscorr``: only Barlow
+    Twins' loss is about c).
+    """
     import torch
 
-    from bt_fast import checkpoint, config
+    from bt_fast import checkpoint, config, methods
     from bt_fast.kernels.reference import cross_correlation
-    from bt_fast.model import BarlowTwins
 
     ckpt = checkpoint.load(ckpt_path)
     cfg = config.from_dict(ckpt["config"], str(ckpt_path))
+    if not methods.METHODS[cfg.method.name].crosscorr:
+        return None
     views = validation_views(cfg, Path(val_dir or cfg.data.val_dir), batch)
     torch.manual_seed(cfg.train.seed)
-    model = BarlowTwins(cfg.model).eval()
+    model = methods.build(cfg).eval()
     cs = []
     for state in (None, ckpt["model"]):
         if state is not None:  # strip DDP / torch.compile wrappers' prefixes if any
@@ -178,7 +194,7 @@ def cross_correlations(ckpt_path: Path, val_dir: Path | None, batch: int):
                                    for k, v in state.items()})
         with torch.no_grad():
             z1, z2 = model(views)
-        cs.append(cross_correlation(z1, z2, cfg.loss.eps))
+        cs.append(cross_correlation(z1, z2, model.cfg.eps))
     return cs[0], cs[1], int(ckpt["step"]), model.embed_dim
 
 
@@ -230,8 +246,12 @@ def run(args) -> int:
     ckpt = args.run_dir / "checkpoints" / "last.pt"
     if not args.no_crosscorr:
         if ckpt.is_file():
-            c0, c1, step, _ = cross_correlations(ckpt, args.val_dir, args.batch)
-            written.append(plot_crosscorr(c0, c1, step, out, args.dims))
+            found = cross_correlations(ckpt, args.val_dir, args.batch)
+            if found is None:
+                print("this run's method is not Barlow Twins: no cross-correlation heatmap")
+            else:
+                c0, c1, step, _ = found
+                written.append(plot_crosscorr(c0, c1, step, out, args.dims))
         else:
             print(f"no {ckpt}: skipping the cross-correlation heatmap")
     for path in written:

@@ -1,11 +1,14 @@
-"""Barlow Twins pretraining: ``bt-fast train --config PATH [--set section.key=value ...]``.
+"""SSL pretraining: ``bt-fast train --config PATH [--set section.key=value ...]``.
 
 One process:      bt-fast train --config configs/fmnist.yaml
 One node, 8 GPUs: torchrun --nproc-per-node 8 -m bt_fast train --config configs/imagenet.yaml
 N nodes:          make train NODES=N GPUS=8 CONFIG=configs/imagenet.yaml  (see README)
 
-The loop reads as the algorithm: two augmented views -> backbone + projector -> z1, z2
--> cross-correlation loss over the global batch -> backward -> LARS step. A re-run
+The loop reads as the algorithm: augmented views -> the method's networks (backbone +
+heads, bt_fast.methods; ``method.name`` picks Barlow Twins, VICReg, SimCLR or BYOL) ->
+its loss over the global batch -> backward -> LARS step -> the method's after-step
+update (BYOL's moving-average target). A step whose loss or gradients are not finite
+changes nothing: no weight, no BatchNorm statistic, no target. A re-run
 with the same ``train.run_dir`` resumes from ``checkpoints/last.pt``, data position
 included. Host<->device syncs happen only on log steps (every ``train.log_every``),
 except under fp16, whose GradScaler checks for inf on the host every step.
@@ -22,10 +25,8 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from bt_fast import checkpoint, config, dist, metrics, optim
+from bt_fast import checkpoint, config, dist, methods, metrics, optim
 from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError, ResumeError
-from bt_fast.kernels import barlow_twins_loss
-from bt_fast.model import BarlowTwins
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
 from bt_fast.pipelines.filelist import SourceError
 
@@ -41,7 +42,7 @@ class Run:
     cfg: config.Config
     env: dist.Env
     run_dir: Path
-    model: torch.nn.Module  # unwrapped: what checkpoints store
+    model: methods.Method  # unwrapped: what checkpoints store, and whose loss the step calls
     ddp: torch.nn.Module  # what forward/backward run through (model itself in a world of one)
     optimizer: optim.LARS
     scaler: torch.amp.GradScaler
@@ -50,6 +51,31 @@ class Run:
     total_steps: int  # length of the lr schedule
     last_step: int  # where this run stops (max_steps may cut the schedule short)
     warmup_steps: int
+    guard: "BufferGuard | None" = None  # built by the first train_step (bench step builds Run by hand)
+
+
+class BufferGuard:
+    """Undoes what a skipped step's forward wrote into buffers, on the device.
+
+    BatchNorm updates running_mean/var and num_batches_tracked during forward, before
+    the loss is known to be finite; a NaN batch would leave NaN statistics behind a
+    step that "changed nothing". ``hold`` copies every buffer before forward and
+    ``keep_if(applied)`` puts the copies back where ``applied`` is False, with
+    torch.where (NaN-safe; no host sync). Cost per step: one copy of all buffers
+    (BN statistics: ~0.2 MB for ResNet-50 + projector) and one where per buffer.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.buffers = list(model.buffers())
+        self.saved = [b.clone() for b in self.buffers]
+
+    def hold(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def keep_if(self, applied: torch.Tensor) -> None:
+        for b, saved in zip(self.buffers, self.saved):
+            b.copy_(torch.where(applied, b, saved))
 
 
 def autocast(cfg: config.Config, device: torch.device):
@@ -91,16 +117,19 @@ def set_cudnn(cfg: config.Config) -> None:
 
 
 def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) -> dict:
-    """Forward, loss, backward, LARS step. Returns device tensors (no sync here)."""
-    cfg = run.cfg
-    with autocast(cfg, run.env.device):
-        z1, z2 = run.ddp(views)  # [B_local, D] each
+    """Forward, loss, backward, LARS step, the method's after-step update.
+
+    Returns device tensors (no sync here): loss, the method's named loss terms and
+    whether the step was skipped for a non-finite loss.
+    """
+    if run.guard is None:
+        run.guard = BufferGuard(run.model)
+    run.guard.hold()
+    with autocast(run.cfg, run.env.device):
+        outputs = run.ddp(views)  # e.g. [z1, z2], each [B_local, D]
     group = torch.distributed.group.WORLD if run.env.distributed else None
-    # z stays in the autocast dtype: the loss accumulates in fp32 itself, and bf16 z
-    # halves what the gram path all-gathers across ranks.
-    loss, on_diag, off_diag = barlow_twins_loss(
-        z1, z2, lambd=cfg.loss.lambd, eps=cfg.loss.eps, group=group,
-        impl=cfg.loss.impl, return_terms=True)
+    # Outside autocast: every loss accumulates in fp32 itself (bt_fast.kernels).
+    loss, terms = run.model.loss(outputs, group)
     timer.mark("forward")
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -110,10 +139,18 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
     # error), so only the loss counts there.
     finite = torch.isfinite(loss) if run.scaler.is_enabled() else all_finite(loss, run.optimizer)
     run.scaler.step(run.optimizer, finite=finite)
+    applied = finite
+    if run.scaler.is_enabled():
+        # fp16: the scaler skipped LARS if a scaled gradient overflowed; its found-inf
+        # flags (device tensors, read before update() clears them) say so.
+        found_inf = sum(run.scaler._found_inf_per_device(run.optimizer).values())
+        applied = finite & (found_inf == 0)
     run.scaler.update()
+    run.guard.keep_if(applied)
+    run.model.after_step(run.step, run.total_steps, applied)
     timer.mark("optimizer")
-    return {"loss": loss.detach(), "loss_on_diag": on_diag.detach(),
-            "loss_off_diag": off_diag.detach(), "nonfinite": (~finite).int()}
+    return {"loss": loss.detach(), "terms": {k: v.detach() for k, v in terms.items()},
+            "nonfinite": (~finite).int()}
 
 
 def all_finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -173,7 +210,7 @@ def setup(cfg: config.Config) -> Run:
     set_cudnn(cfg)
     run_dir = Path(cfg.train.run_dir)
     torch.manual_seed(cfg.train.seed)
-    model = BarlowTwins(cfg.model).to(env.device)
+    model = methods.build(cfg).to(env.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.model.sync_bn:
@@ -250,12 +287,15 @@ def log_window(run: Run, logger, out: dict, timer, lrs, window_steps: int, t_win
     nonfinite = int(out["nonfinite_window"].item())
     if nonfinite == window_steps:
         raise NonFiniteLoss(f"loss was NaN/inf for all {window_steps} steps up to step {run.step}; "
-                            f"weights were not updated; last checkpoint: "
+                            f"those steps changed no weight or BatchNorm statistic; last checkpoint: "
                             f"{checkpoint.latest(run.run_dir) or 'none'}")
     images = window_steps * run.cfg.data.batch_size
-    loss, on_diag, off_diag = torch.stack([out["loss"], out["loss_on_diag"], out["loss_off_diag"]]).tolist()
+    # Barlow Twins' terms keep their names (loss_on_diag, loss_off_diag); every method's
+    # terms are loss_<term>.
+    names = list(out["terms"])
+    loss, *values = torch.stack([out["loss"], *out["terms"].values()]).tolist()
     logger.log({
-        "loss": loss, "loss_on_diag": on_diag, "loss_off_diag": off_diag, "lr": lrs[0], "lr_biases": lrs[1],
+        "loss": loss, **{f"loss_{k}": v for k, v in zip(names, values)}, "lr": lrs[0], "lr_biases": lrs[1],
         "images": images, "images_per_s": images / max(t_window, 1e-9),
         "epoch": run.step / max(1, len(run.loader)), "nonfinite_steps": nonfinite,
         "durations": timer.collect(),

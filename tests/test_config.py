@@ -38,7 +38,7 @@ def yaml_reads_string(text):
     ("train:\n  max_steps: 1.5\n", "train.max_steps: expected int"),
     ("train:\n  channels_last: 1\n", "train.channels_last: expected bool"),
     ("optim:\n  epochs: 1\n  epochs: 2\n", "duplicate key 'epochs'"),
-    ("model:\n  projector: [1, 2]\n", "model.projector: expected str"),
+    ("method:\n  barlow_twins:\n    projector: [1, 2]\n", "method.barlow_twins.projector: expected str"),
     ("views:\n  - {flip_p: 2.0}\n", "not a probability"),
     ("bogus:\n  x: 1\n", "unknown key 'bogus'"),
 ])
@@ -75,7 +75,7 @@ def test_cli_exit_code_2_with_one_line(tmp_path, capsys):
 
 
 def test_view_size_0_takes_data_image_size():
-    cfg = config.load(None, ["data.image_size=40", "views.1.size=0"])
+    cfg = config.load(None, ["data.image_size=40", "views.0.size=224", "views.1.size=0"])
     assert [v.size for v in config.resolved_views(cfg)] == [224, 40]
 
 
@@ -93,7 +93,7 @@ def test_bad_override_paths_are_config_errors(sets, needle):
     ("data.batch_size=0", "data.batch_size=0: must be positive"),
     ("train.checkpoint_every=-1", "must not be negative"),
     ("dist.grad_compression=fp8", "dist.grad_compression='fp8'"),
-    ("loss.impl=fast", "loss.impl='fast'"),
+    ("method.barlow_twins.impl=fast", "impl='fast'"),
 ])
 def test_trainer_rejects_meaningless_values(item, needle):
     with pytest.raises(config.ConfigError, match=needle):

@@ -10,7 +10,7 @@ from bt_fast.cli import main
 from bt_fast.config import Config, ModelConfig, to_dict
 from bt_fast.data import make_synthetic
 from bt_fast.eval.features import load_backbone
-from bt_fast.model import BarlowTwins
+from bt_fast.methods import build
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,10 @@ def run(tmp_path_factory):
     cfg = Config()
     cfg.data.train_dir, cfg.data.val_dir = str(data / "train"), str(data / "val")
     cfg.data.image_size = 32
-    cfg.model = ModelConfig(backbone="resnet18", width=8, small_stem=True, projector="64-64")
+    cfg.model = ModelConfig(backbone="resnet18", width=8, small_stem=True)
+    cfg.method.barlow_twins.projector = "64-64"
     torch.manual_seed(123)
-    model = BarlowTwins(cfg.model)
+    model = build(cfg)
     (tmp / "run" / "checkpoints").mkdir(parents=True)
     ckpt = tmp / "run" / "checkpoints" / "last.pt"
     torch.save({"model": model.state_dict(), "step": 42, "config": to_dict(cfg)}, ckpt)

@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bt_fast import checkpoint, cli, config, data, metrics
-from bt_fast.model import BarlowTwins
+from bt_fast import checkpoint, cli, config, data, methods, metrics, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,11 +47,11 @@ def test_report_writes_metric_plots(tmp_path, capsys):
 
 def test_report_crosscorr_heatmap_from_checkpoint(tmp_path):
     root = data.make_synthetic(tmp_path / "data", classes=2, train_per_class=2, val_per_class=8)
-    cfg = config.load(None, ["model.backbone=resnet18", "model.width=8", "model.projector=16-16",
+    cfg = config.load(None, ["model.backbone=resnet18", "model.width=8", "method.barlow_twins.projector=16-16",
                              "model.small_stem=true", "data.image_size=32",
                              f"data.val_dir={root / 'val'}", "views.0.size=32", "views.1.size=32"])
     torch.manual_seed(1)
-    model = BarlowTwins(cfg.model)
+    model = methods.build(cfg)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     _write_metrics(run_dir)
@@ -66,3 +65,13 @@ def test_report_crosscorr_heatmap_from_checkpoint(tmp_path):
 def test_report_missing_run_is_a_usage_error(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_loss_plot_shows_the_terms_the_run_logged():
+    bt = [{"step": 1, "loss": 3.0, "loss_on_diag": 1.0, "loss_off_diag": 2.0}]
+    assert [k for k, _ in report.loss_labels(bt)] == ["loss", "loss_on_diag", "loss_off_diag"]
+    assert dict(report.loss_labels(bt))["loss_on_diag"].startswith("on-diagonal")
+    other = [{"step": 1, "loss": 3.0, "loss_invariance": 1.0, "loss_variance": 0.5, "loss_new_term": 1.5}]
+    labels = dict(report.loss_labels(other))
+    assert set(labels) == {"loss", "loss_invariance", "loss_variance", "loss_new_term"}
+    assert labels["loss_new_term"] == "new_term"  # a term no method declares keeps its name

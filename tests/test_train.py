@@ -1,21 +1,23 @@
-"""The trainer end to end on generated JPEGs: learning, exact resume, finite guard."""
+"""The trainer end to end on generated JPEGs: learning, exact resume of every method and of
+pre-method checkpoints, the finite guard (weights AND buffers unchanged by a skipped step)."""
 
 import json
 
 import pytest
 import torch
 
-from bt_fast import checkpoint, config, data, train
+from bt_fast import checkpoint, config, train
 from bt_fast.cli import main
+from bt_fast.methods import METHODS
+from bt_fast.methods.barlow_twins import BarlowTwins
 from conftest import CONFIGS
 
 pytestmark = pytest.mark.slow  # every test here trains
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return data.make_synthetic(tmp_path_factory.mktemp("syn"), classes=4, train_per_class=16,
-                               val_per_class=4, size=(40, 36))
+def dataset(tiny_imagefolder):
+    return tiny_imagefolder
 
 
 def smoke_args(dataset, run_dir, *extra):
@@ -41,18 +43,63 @@ def test_five_steps_lower_the_loss_on_a_fixed_batch(dataset, tmp_path):
     assert losses[-1] < losses[0], losses
 
 
-def test_resume_is_exact(dataset, tmp_path):
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert list(a["model"]) == list(b["model"])
+    for key, value in a["model"].items():  # parameters and buffers (BN statistics, BYOL's target)
+        assert torch.equal(value, b["model"][key]), key
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resume_is_exact(dataset, tmp_path, method):
     """4 steps in one run == 2 steps, a new run that resumes, 2 more steps."""
-    assert main(smoke_args(dataset, tmp_path / "a", "train.max_steps=4")) == 0
-    assert main(smoke_args(dataset, tmp_path / "b", "train.max_steps=2")) == 0
-    assert main(smoke_args(dataset, tmp_path / "b", "train.max_steps=4")) == 0
+    pick = f"method.name={method}"
+    assert main(smoke_args(dataset, tmp_path / "a", pick, "train.max_steps=4")) == 0
+    assert main(smoke_args(dataset, tmp_path / "b", pick, "train.max_steps=2")) == 0
+    assert main(smoke_args(dataset, tmp_path / "b", pick, "train.max_steps=4")) == 0
     a = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
     b = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 4
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    assert a["step"] == 4 and a["config"]["method"]["name"] == method
+    assert_same_weights(a, b)
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    logged = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in logged] == [1, 2, 3, 4]
+    assert {f"loss_{t}" for t in METHODS[method].terms} <= set(logged[0])
+
+
+def pre_method_config(values: dict) -> dict:
+    """A config dict as checkpoints saved it before bt_fast.methods: Barlow Twins'
+    projector in ``model`` and its loss settings in a ``loss`` section."""
+    values = json.loads(json.dumps(values))
+    bt = values.pop("method")["barlow_twins"]
+    values["model"]["projector"] = bt.pop("projector")
+    values["loss"] = bt
+    return values
+
+
+def test_pre_method_checkpoint_resumes_exactly_and_evaluates(dataset, tmp_path, capsys):
+    """A checkpoint whose config has no method section (written before the move; the
+    state-dict keys, backbone.* and projector.*, did not change) resumes bit-exactly."""
+    assert main(smoke_args(dataset, tmp_path / "a", "train.max_steps=4")) == 0
+    assert main(smoke_args(dataset, tmp_path / "b", "train.max_steps=2")) == 0
+    path = tmp_path / "b" / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt["model"]) == set(BarlowTwins(config.load(CONFIGS / "smoke.yaml").model,
+                                                 config.load(CONFIGS / "smoke.yaml").method.barlow_twins
+                                                 ).state_dict())
+    ckpt["config"] = pre_method_config(ckpt["config"])
+    assert "method" not in ckpt["config"] and ckpt["config"]["loss"]["impl"] == "reference"
+    torch.save(ckpt, path)
+    assert config.from_dict(ckpt["config"]).method.barlow_twins.projector == "64-64"
+    assert main(smoke_args(dataset, tmp_path / "b", "train.max_steps=4")) == 0
+    assert_same_weights(checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt"),
+                        checkpoint.load(path))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"] = pre_method_config(ckpt["config"])
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(path), "--json", "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
 
 
 def test_checkpoint_contents_and_saved_config(dataset, tmp_path):
@@ -64,16 +111,58 @@ def test_checkpoint_contents_and_saved_config(dataset, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_exit_3_and_keeps_weights(dataset, tmp_path, monkeypatch, capsys):
-    real = train.barlow_twins_loss
+    real = BarlowTwins.loss
 
-    def nan_loss(z1, z2, **kw):
-        loss, on, off = real(z1, z2, **kw)
-        return loss * float("nan"), on, off
+    def nan_loss(self, outputs, group=None):
+        loss, terms = real(self, outputs, group)
+        return loss * float("nan"), terms
 
-    monkeypatch.setattr(train, "barlow_twins_loss", nan_loss)
+    monkeypatch.setattr(BarlowTwins, "loss", nan_loss)
     args = smoke_args(dataset, tmp_path, "train.max_steps=3", "train.log_every=3")
     assert main(args) == 3
     assert "NaN/inf for all 3 steps" in capsys.readouterr().err
+
+
+def _state(run) -> dict:
+    return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+
+def test_nan_batch_changes_no_parameter_and_no_buffer(dataset, tmp_path):
+    """A skipped step leaves BN running stats and num_batches_tracked as they were."""
+    cfg = config.load(CONFIGS / "smoke.yaml", [f"data.train_dir={dataset / 'train'}",
+                                             f"train.run_dir={tmp_path}"])
+    run = train.setup(cfg)
+    views, _ = next(iter(run.loader))
+    for g, lr in zip(run.optimizer.param_groups, (0.2, 0.0048)):
+        g["lr"] = lr
+    timer = train.metrics.StepTimer(run.env.device)
+    timer.start()
+    before = _state(run)
+    poisoned = [views[0].clone().fill_(float("nan")), views[1].clone()]
+    out = train.train_step(run, poisoned, timer)
+    assert int(out["nonfinite"]) == 1
+    after = _state(run)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    out = train.train_step(run, views, timer)  # a good batch is applied: stats move, stay finite
+    assert int(out["nonfinite"]) == 0
+    moved = [k for k, v in run.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("running_mean") for k in moved) and any(k.endswith("num_batches_tracked") for k in moved)
+    assert all(torch.isfinite(v.float()).all() for v in run.model.state_dict().values())
+
+
+def test_exploding_bias_lr_leaves_finite_bn_statistics_in_the_checkpoint(dataset, tmp_path):
+    """lr_biases=1e30: the first step blows BN weights up, later steps are NaN and skipped;
+    their forward passes must not leave NaN/inf running statistics in the checkpoint."""
+    args = smoke_args(dataset, tmp_path, "optim.lr_biases=1e30", "optim.warmup_epochs=0",
+                      "train.max_steps=3", "train.log_every=3")
+    assert main(args) == 0
+    (record,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                 if "loss" in x]
+    assert record["nonfinite_steps"] == 2  # steps 2 and 3 were skipped
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"]
+    stats = {k: v for k, v in state.items() if "running_" in k}
+    assert stats and all(torch.isfinite(v).all() for v in stats.values())
 
 
 def test_finite_loss_with_nonfinite_gradient_is_skipped():
