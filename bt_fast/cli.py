@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": ("bt_fast.bench", "side-by-side benchmarks: bt-fast bench {pipeline,loss,step} [--json]"),
     "tune": ("bt_fast.tune", "probe throughput knobs, write the best as a config overlay"),
     "report": ("bt_fast.report", "plots from a run folder: bt-fast report RUN_DIR"),
+    "doctor": ("bt_fast.doctor", "check this node: versions, GPU correctness and speed: bt-fast doctor [--json] [--quick]"),
     "export": ("bt_fast.export", "backbone weights for torchvision: bt-fast export CHECKPOINT --out PATH"),
 }
 

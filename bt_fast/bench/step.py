@@ -43,11 +43,13 @@ def baseline_step(model, views, opt) -> torch.Tensor:
     return loss.detach()
 
 
-def contender_step(run, views) -> torch.Tensor:
+def contender_step(run, views, timer=None) -> torch.Tensor:
+    """One bt_fast train step; ``timer``: a started metrics.StepTimer to mark phases on."""
     from bt_fast.train import train_step
 
-    timer = metrics.StepTimer(run.env.device)
-    timer.start()
+    if timer is None:
+        timer = metrics.StepTimer(run.env.device)
+        timer.start()
     return train_step(run, views, timer)["loss"]
 
 
