@@ -18,7 +18,8 @@ this rank's block of logits and the gathered lse:
 
     d loss / d u_j = (1 / (2N t)) sum_k (exp(L_jk - lse_j) + exp(L_jk - lse_k) - 2 [k = pos(j)]) u_k
 
-(self excluded). So each rank's backward is exactly g * d(global loss)/d(its rows) for
+(self excluded; at k = pos(j), exp(L_jk - lse_j) - 1 = expm1(-l_j), which keeps its
+digits when l_j is small, as the forward's l_i = softplus(...) does). So each rank's backward is exactly g * d(global loss)/d(its rows) for
 its own upstream g, the gradient convention of every loss here (DESIGN.md, "Gradient
 scale"); the row normalization before it is local and left to autograd.
 
@@ -52,19 +53,26 @@ class NTXentGlobal(torch.autograd.Function):
         logits = cand[rows] @ cand.T / temperature  # [2n, 2N], 2 (2n)(2N) D flops
         at = torch.arange(2 * n, device=u1.device)
         logits[at, rows] = float("-inf")  # no row is its own candidate
-        lse = torch.logsumexp(logits, dim=1)  # [2n]
-        per_anchor = torch.stack([lse, lse - logits[at, pos]], dim=1)  # [2n, 2]: (lse_i, l_i)
+        # l_i = lse_i - L_i,pos loses digits once training makes l_i small (lse and L_pos
+        # ~ 1/t, l_i ~ 1e-3); softplus of the negatives' logsumexp relative to L_pos keeps them
+        l_pos = logits[at, pos]  # [2n]
+        neg_lse = torch.logsumexp(logits.index_put((at, pos), l_pos.new_tensor(float("-inf"))), dim=1)
+        l_i = F.softplus(neg_lse - l_pos)  # [2n] = log(1 + sum_neg exp(L_ik - L_pos))
+        lse = l_pos + l_i  # [2n] logsumexp over every candidate of anchor i
+        per_anchor = torch.stack([lse, l_i], dim=1)  # [2n, 2]
         stats = collectives.all_gather_rows(per_anchor, group)  # [W * 2n, 2], rank-major
         stats = stats.view(w, 2, n, 2).transpose(0, 1).reshape(2 * N, 2)  # candidate order
-        ctx.save_for_backward(cand, logits, lse, stats[:, 0].contiguous(), at, pos)
+        ctx.save_for_backward(cand, logits, lse, stats[:, 0].contiguous(), l_i, stats[:, 1][pos], at, pos)
         ctx.scale, ctx.n = 1.0 / (2 * N * temperature), n
         return stats[:, 1].sum() / (2 * N)  # the same value, summed in the same order, on every rank
 
     @staticmethod
     def backward(ctx, g):  # no collective: lse of every anchor was gathered in forward
-        cand, logits, lse, lse_all, at, pos = ctx.saved_tensors
+        cand, logits, lse, lse_all, l_i, l_pos_anchor, at, pos = ctx.saved_tensors
         m = torch.exp(logits - lse[:, None]).add_(torch.exp(logits - lse_all[None, :]))  # [2n, 2N]
-        m[at, pos] -= 2
+        # at k = pos(j) the two terms are p - 1 = exp(-l) - 1: expm1 of the accurate l (of
+        # anchor j, and of anchor pos(j), whose positive is j) instead of 1 - (1 - tiny)
+        m[at, pos] = torch.expm1(-l_i) + torch.expm1(-l_pos_anchor)
         du = (m @ cand).mul_(g.to(cand.dtype) * ctx.scale)  # [2n, D]
         return du[: ctx.n], du[ctx.n :], None, None
 
