@@ -22,6 +22,7 @@ from bt_fast.kernels.reference import (
     nt_xent_loss_reference,
     official_loss,
     vicreg_loss_reference,
+    vicreg_official_loss,
 )
 from bt_fast.kernels.vicreg import VICREG_IMPLS, resolve_vicreg_impl, vicreg_loss
 
@@ -43,4 +44,5 @@ __all__ = [
     "vicreg_costs",
     "vicreg_loss",
     "vicreg_loss_reference",
+    "vicreg_official_loss",
 ]

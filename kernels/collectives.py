@@ -135,3 +135,24 @@ def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
 def global_sum(x: torch.Tensor, group=None) -> torch.Tensor:
     """Sum of a per-rank local term over ranks with autograd (``GlobalSum``)."""
     return GlobalSum.apply(x, group) if world_size(group) > 1 else x
+
+
+class GatherRowsSummed(torch.autograd.Function):
+    """The official VICReg gather layer (main_vicreg.py ``FullGatherLayer``), for baselines only.
+
+    Backward all-reduces the whole [W n, D] gradient and keeps this rank's rows: W times
+    d loss / d x_local when every rank evaluates the same loss (the official convention
+    DDP then averages back to the true gradient). Cost: forward (W-1) n D s bytes sent,
+    backward 2 (W-1)/W * W n D s more, the part bt_fast's own losses never send.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group=None):
+        ctx.n_local, ctx.rank, ctx.group = x.shape[0], rank(group), group
+        return all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = all_reduce_sum_(grad.contiguous().clone(), ctx.group)
+        start = ctx.rank * ctx.n_local
+        return grad[start : start + ctx.n_local], None

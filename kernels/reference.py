@@ -98,9 +98,24 @@ def official_loss(z1, z2, *, lambd=0.0051, eps=1e-5, group=None):
 # ---------------------------------------------------------------- other methods
 
 
+def _vicreg_terms(x, y, repr_loss, sim_coeff, std_coeff, cov_coeff, eps):
+    """main_vicreg.py's lines after the gather: x, y [N, D] global; (loss, repr, std, cov)."""
+    n, d = x.shape
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + eps)
+    std_y = torch.sqrt(y.var(dim=0) + eps)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x = (x.T @ x) / (n - 1)  # [D, D]
+    cov_y = (y.T @ y) / (n - 1)
+    cov_loss = off_diagonal(cov_x).pow(2).sum().div(d) + off_diagonal(cov_y).pow(2).sum().div(d)
+    loss = sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+    return loss, repr_loss, std_loss, cov_loss
+
+
 def vicreg_loss_reference(z1, z2, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, group=None,
                           return_terms=False):
-    """VICReg (Bardes et al., 2022) as facebookresearch/vicreg main_vicreg.py computes it.
+    """VICReg (Bardes et al., 2022) with facebookresearch/vicreg main_vicreg.py's semantics.
 
     x, y are the GLOBAL batches [N, D] of z1, z2; the two [D, D] covariances are formed.
 
@@ -111,28 +126,30 @@ def vicreg_loss_reference(z1, z2, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1
         cov_loss  = sum_{i!=j} cov_x,ij^2 / D + sum_{i!=j} cov_y,ij^2 / D
         loss      = sim_coeff repr_loss + std_coeff std_loss + cov_coeff cov_loss
 
-    One difference from the official code: it takes repr_loss on each rank's rows
-    and its gather layer SUMS gradients over ranks, so its gradient is W times
-    d loss / d z_local; here repr_loss is over the global batch and the gradient is
-    exactly d loss / d z_local (DESIGN.md, "Gradient scale"). With equal local batches
-    the loss values agree. Returns (loss, repr_loss, std_loss, cov_loss) with
-    ``return_terms``; fp32 (fp64 for fp64 inputs).
+    One difference from the official code (``vicreg_official_loss``): it takes
+    repr_loss on each rank's rows and its gather layer SUMS gradients over ranks, so
+    its gradient is W times d loss / d z_local; here repr_loss is over the global batch
+    and the gradient is exactly d loss / d z_local (DESIGN.md, "Gradient scale"). Its
+    value on a rank carries that rank's repr_loss; their mean over ranks is this value. Returns (loss, repr_loss, std_loss,
+    cov_loss) with ``return_terms``; fp32 (fp64 for fp64 inputs).
     """
     dtype = torch.promote_types(z1.dtype, torch.float32)
     x = collectives.gather_rows(z1, group).to(dtype)
     y = collectives.gather_rows(z2, group).to(dtype)
-    n, d = x.shape
-    repr_loss = F.mse_loss(x, y)
-    x = x - x.mean(dim=0)
-    y = y - y.mean(dim=0)
-    std_x = torch.sqrt(x.var(dim=0) + eps)
-    std_y = torch.sqrt(y.var(dim=0) + eps)
-    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
-    cov_x = (x.T @ x) / (n - 1)  # [D, D]
-    cov_y = (y.T @ y) / (n - 1)
-    cov_loss = off_diagonal(cov_x).pow(2).sum().div(d) + off_diagonal(cov_y).pow(2).sum().div(d)
-    loss = sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
-    return (loss, repr_loss, std_loss, cov_loss) if return_terms else loss
+    terms = _vicreg_terms(x, y, F.mse_loss(x, y), sim_coeff, std_coeff, cov_coeff, eps)
+    return terms if return_terms else terms[0]
+
+
+def vicreg_official_loss(z1, z2, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, group=None):
+    """main_vicreg.py's forward as written, the benchmark's baseline: repr_loss on this
+    rank's rows, ``FullGatherLayer`` (backward all-reduces the [N, D] gradients), two
+    [D, D] covariances. Its gradient is W times the exact one (see above); use it for
+    timing, memory and bytes. On one process it is ``vicreg_loss_reference``.
+    """
+    repr_loss = F.mse_loss(z1, z2)
+    if collectives.world_size(group) > 1:
+        z1, z2 = collectives.GatherRowsSummed.apply(z1, group), collectives.GatherRowsSummed.apply(z2, group)
+    return _vicreg_terms(z1, z2, repr_loss, sim_coeff, std_coeff, cov_coeff, eps)[0]
 
 
 def nt_xent_loss_reference(z1, z2, *, temperature=0.1, group=None):
