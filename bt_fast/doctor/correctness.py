@@ -144,8 +144,9 @@ def tiny_twin(cfg):
     """The recipe with a model and images small enough for seconds per step on a CPU."""
     def edit(d: dict) -> None:
         d["model"].update(backbone="resnet18", width=8, small_stem=True, sync_bn=False)
-        # the projector lives in model (older trees) or in each method's section
-        for section in [d["model"], *(v for v in d.get("method", {}).values() if isinstance(v, dict))]:
+        # the projector lives in model (older trees) or in the active method's section
+        method = d.get("method", {})
+        for section in (d["model"], method.get(method.get("name"), {})):
             if "projector" in section:
                 section["projector"] = "64-64"
         d["data"]["image_size"] = 32

@@ -173,6 +173,14 @@ def num_classes(*label_lists) -> int:
 # ------------------------------------------------------------------ extraction
 
 
+def autocast_for(module: nn.Module, bf16: bool):
+    """bf16 autocast on the device the module's weights live on: CUDA autocast for a
+    backbone on a GPU (a CPU context there would leave it in fp32), CPU autocast otherwise."""
+    weight = next(module.parameters(), None)
+    device_type = weight.device.type if weight is not None else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
+
+
 @torch.inference_mode()
 def extract(module: nn.Module, dataset: Dataset, prep: Prep, *, batch_size: int = 512,
             workers: int = 1, bf16: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +190,7 @@ def extract(module: nn.Module, dataset: Dataset, prep: Prep, *, batch_size: int 
     feats, labels = [], []
     t0, done = time.perf_counter(), 0
     for x, y in loader:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast_for(module, bf16):
             f = module(prep(x))  # [B, D]
         feats.append(f.float())
         labels.append(y)
