@@ -62,3 +62,10 @@ class DiskFullError(UserError, OSError):
 
 class RunDirError(UserError, OSError):
     """The run folder (train.run_dir) cannot be created or written."""
+
+
+def one_line(command: str, error: UserError) -> str:
+    """``bt-fast COMMAND: [kind: ]message`` folded onto one line: how every user error
+    is printed, by the CLI and by checks that run before it (``bt_fast.preflight``)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"bt-fast {command}: {error.kind + ': ' if error.kind else ''}{message}"

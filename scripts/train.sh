@@ -16,6 +16,7 @@ RDZV_HOST="${RDZV_HOST:-}"       # host of the c10d rendezvous (the first node);
 RDZV_PORT="${RDZV_PORT:-29500}"
 RUN_ID="${RUN_ID:-bt_fast}"      # rendezvous id: the same on every node of one job
 MAX_RESTARTS="${MAX_RESTARTS:-3}" # worker-group restarts after a failure (each resumes from last.pt)
+PREFLIGHT="${PREFLIGHT:-1}"      # 1: check config and data before torchrun (see below); 0: skip
 
 # Restarts with torchrun's shared rendezvous TCP store failed 2 times in 3 in our tests;
 # a separate store made them reliable (pytorch/pytorch#135712).
@@ -31,7 +32,21 @@ else
   rdzv=(--rdzv-backend=c10d --rdzv-endpoint="${RDZV_HOST:-127.0.0.1}:${RDZV_PORT}" --rdzv-id="$RUN_ID")
 fi
 
-exec "${TORCHRUN:-torchrun}" \
+# Configuration errors are not retried: torchrun restarts a failed worker group whatever
+# its exit code, so the config, the batch against every world size NODES allows, the file
+# list and the run folder are checked once here, before any worker starts (exit 2, one
+# line). The python beside torchrun is the environment bt_fast is installed in.
+TORCHRUN="${TORCHRUN:-torchrun}"
+if [[ "${PREFLIGHT:-1}" == "1" ]]; then
+  PYTHON="${PYTHON:-$(dirname "$(command -v "$TORCHRUN")")/python}"
+  [[ -x "$PYTHON" ]] || PYTHON=python
+  IFS=: read -r nmin nmax <<< "$NODES"
+  sizes=()
+  for ((n = nmin; n <= ${nmax:-$nmin}; n++)); do sizes+=("$((n * GPUS))"); done
+  "$PYTHON" -m bt_fast.preflight --world-sizes "${sizes[@]}" -- --config "$CONFIG" "$@"
+fi
+
+exec "$TORCHRUN" \
   --nnodes="$NODES" --nproc-per-node="$GPUS" "${rdzv[@]}" \
   --max-restarts="$MAX_RESTARTS" --monitor-interval=1 \
   -m bt_fast train --config "$CONFIG" "$@"

@@ -101,7 +101,7 @@ def test_compose_host_network_one_machine_per_node():
 def _train_sh(**env) -> list[str]:
     """scripts/train.sh's torchrun command, echoed instead of run."""
     proc = subprocess.run([str(REPO / "scripts" / "train.sh"), "--set", "train.max_steps=5"],
-                          env={**os.environ, "TORCHRUN": "echo", **env},
+                          env={**os.environ, "TORCHRUN": "echo", "PREFLIGHT": "0", **env},
                           capture_output=True, text=True, check=True)
     return proc.stdout.split()
 
