@@ -120,6 +120,7 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
         new = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum,
                                module.affine, module.track_running_stats)
         new.load_state_dict(module.state_dict())
+        new.requires_grad_(any(q.requires_grad for q in module.parameters()))  # BYOL's target stays frozen
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 from bt_fast.methods.barlow_twins import BarlowTwins
 from bt_fast.methods.base import Method
+from bt_fast.methods.byol import BYOL
+from bt_fast.methods.simclr import SimCLR
+from bt_fast.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
     "barlow_twins": BarlowTwins,
+    "vicreg": VICReg,
+    "simclr": SimCLR,
+    "byol": BYOL,
 }
 
 
