@@ -1,10 +1,11 @@
-"""``bt-fast bench loss [--json]``: each loss implementation against the official formulation.
+"""``bt-fast bench loss [--method barlow_twins|vicreg] [--json]``: each loss implementation
+against the official formulation of its method.
 
 Three measurements, side by side in one run on the same cores:
 
 1. time of forward+backward and peak extra memory (torch's profiler, every allocation
-   during the step) of each impl and of the official formulation (dense c, off-diagonal
-   copy), for N x D in ``--sizes``;
+   during the step) of each impl and of the official formulation, for N x D in
+   ``--sizes``;
 2. bytes communicated per step for world sizes ``--worlds``, counted by wrapping the
    torch.distributed collectives that the loss actually issues under gloo (W spawned
    processes, one fwd+bwd each), next to the cost model's prediction;
@@ -12,7 +13,8 @@ Three measurements, side by side in one run on the same cores:
 
 On a CPU the Triton kernels only run in the interpreter (a correctness twin), so
 ``dense`` is timed only on a GPU or when asked for with ``--impls``. The collectives
-each impl issues per step (W > 1); part 2 counts official and gram (fp32 and bf16):
+each impl issues per step (W > 1); part 2 counts official and gram (fp32 and bf16).
+Barlow Twins (``--method barlow_twins``, the default; official = main.py's dense c):
 
     gram      forward: all-gather of the raw [n, 2D] pair (input dtype), all-reduce of
               [2D] fp32 (row and column norms of c); backward: none
@@ -22,8 +24,14 @@ each impl issues per step (W > 1); part 2 counts official and gram (fp32 and bf1
     official  forward: two all-reduces of [2D] fp32 through autograd (SyncBatchNorm-
               style statistics of z1, then of z2), raw all-reduce of c [D, D] fp32;
               backward: the two [2D] all-reduces again
-"""
 
+VICReg (``--method vicreg``; official = main_vicreg.py, two [D, D] covariances):
+
+    gram      forward: all-gather of the raw [n, 2D] pair (input dtype), all-reduce of
+              3 fp64 scalars; backward: none
+    official  forward: all-gathers of [n, D], one per view; backward: all-reduce of each
+              gathered [N, D] gradient (its FullGatherLayer)
+"""
 
 from __future__ import annotations
 
@@ -32,22 +40,63 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from bt_fast.kernels import barlow_twins_loss, choose_impl, loss_costs, official_loss
+from bt_fast.kernels import (
+    barlow_twins_loss,
+    choose_impl,
+    choose_vicreg_impl,
+    loss_costs,
+    official_loss,
+    vicreg_costs,
+    vicreg_loss,
+    vicreg_official_loss,
+)
 from bt_fast.procs import run_workers
 
 
+@dataclass(frozen=True)
+class Method:
+    """A loss family as the benchmark sees it: contender, baseline, cost model, defaults."""
+
+    loss: Callable  # loss(z1, z2, impl=...) -> scalar
+    official: Callable  # the official formulation, the baseline: official(z1, z2) -> scalar
+    costs: Callable  # costs(n_global, d, world, dtype) -> {impl: ImplCost}
+    choose: Callable  # choose(n_global, d, world, dtype, device) -> (impl, costs)
+    impls: tuple  # timed by default (on CUDA, gpu_impls too)
+    gpu_impls: tuple
+    sizes: str  # default --sizes
+    comm_sizes: str  # default --comm-sizes
+
+
+METHODS = {
+    "barlow_twins": Method(barlow_twins_loss, official_loss, loss_costs, choose_impl, ("reference", "gram"),
+                           ("dense",), "256x2048,256x8192,2048x2048,2048x8192", "2048x8192"),
+    # one process: the reference IS the official formulation, so only gram is timed against it;
+    # bytes at N = 256, where the official step (8 N D^2 flops on every rank) fits these CPUs
+    "vicreg": Method(vicreg_loss, vicreg_official_loss, vicreg_costs, choose_vicreg_impl, ("gram",), (),
+                     "256x8192", "256x8192"),
+}
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", default="256x2048,256x8192,2048x2048,2048x8192",
-                        help="comma-separated NxD global batch x embedding width to time")
+    parser.add_argument("--method", choices=sorted(METHODS), default="barlow_twins",
+                        help="which loss: barlow_twins (default) or vicreg (Gram-form covariance)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated NxD global batch x embedding width to time "
+                             f"(default: barlow_twins {METHODS['barlow_twins'].sizes}; vicreg {METHODS['vicreg'].sizes})")
     parser.add_argument("--impls", default=None,
-                        help="comma-separated impls to time (default: reference,gram, plus dense on GPU)")
-    parser.add_argument("--comm-sizes", default="2048x8192",
-                        help="NxD (global batch) at which to count communicated bytes; '' to skip")
+                        help="comma-separated impls to time (default: barlow_twins reference,gram, plus dense on "
+                             "GPU; vicreg gram)")
+    parser.add_argument("--comm-sizes", default=None,
+                        help="NxD (global batch) at which to count communicated bytes; '' to skip "
+                             f"(default: barlow_twins {METHODS['barlow_twins'].comm_sizes}; "
+                             f"vicreg {METHODS['vicreg'].comm_sizes})")
     parser.add_argument("--worlds", default="2,4", help="world sizes for the byte count")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="repeat each timing at least this long")
 
@@ -106,10 +155,11 @@ class CollectiveTally:
 
 # ---------------------------------------------------------------- time and memory
 
-def _loss_fn(impl: str):
+def _loss_fn(method: str, impl: str):
+    m = METHODS[method]
     if impl == "official":
-        return lambda z1, z2: official_loss(z1, z2)
-    return lambda z1, z2: barlow_twins_loss(z1, z2, impl=impl)
+        return lambda z1, z2: m.official(z1, z2)
+    return lambda z1, z2: m.loss(z1, z2, impl=impl)
 
 
 def _step(fn, z1, z2) -> None:
@@ -158,11 +208,12 @@ def _time_interleaved(fns: dict, z1, z2, min_seconds: float) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_size(n: int, d: int, impls: list[str], device: str, min_seconds: float) -> dict:
+def bench_size(n: int, d: int, impls: list[str], device: str, min_seconds: float,
+               method: str = "barlow_twins") -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     z1 = torch.randn(n, d, device=device, generator=g).requires_grad_(True)
     z2 = torch.randn(n, d, device=device, generator=g).requires_grad_(True)
-    fns = {impl: _loss_fn(impl) for impl in ["official"] + impls}
+    fns = {impl: _loss_fn(method, impl) for impl in ["official"] + impls}
     peak_fn = _peak_bytes_cuda if device == "cuda" else _peak_bytes
     peaks = {impl: peak_fn(fn, z1, z2) for impl, fn in fns.items()}  # doubles as the warm-up
     seconds = _time_interleaved(fns, z1, z2, min_seconds)
@@ -171,20 +222,20 @@ def bench_size(n: int, d: int, impls: list[str], device: str, min_seconds: float
     for row in rows.values():
         row["speedup_vs_official"] = base["seconds"] / row["seconds"]
         row["memory_ratio_vs_official"] = base["peak_bytes"] / max(row["peak_bytes"], 1)
-    auto, costs = choose_impl(n, d, 1, torch.float32, device)
+    auto, costs = METHODS[method].choose(n, d, 1, torch.float32, device)
     return {"n": n, "d": d, "auto": auto, "model_seconds": {k: v.seconds for k, v in costs.items()}, "impls": rows}
 
 
 # ---------------------------------------------------------------- bytes communicated
 
-COMM_CASES = [  # (label, impl, input dtype)
+COMM_CASES = [  # (label, impl, input dtype), for either method
     ("official", "official", torch.float32),
     ("gram_fp32", "gram", torch.float32),
     ("gram_bf16", "gram", torch.bfloat16),
 ]
 
 
-def _comm_worker(rank: int, world: int, port: int, sizes, out_dir: str) -> None:
+def _comm_worker(rank: int, world: int, port: int, sizes, out_dir: str, method: str = "barlow_twins") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -197,10 +248,10 @@ def _comm_worker(rank: int, world: int, port: int, sizes, out_dir: str) -> None:
                 z2 = torch.randn(n, d, generator=g).to(dtype).requires_grad_(True)
                 with CollectiveTally() as tally:
                     tally.phase = "forward"
-                    loss = _loss_fn(impl)(z1, z2)
+                    loss = _loss_fn(method, impl)(z1, z2)
                     tally.phase = "backward"
                     loss.backward()
-                model = loss_costs(n_global, d, world, dtype)[impl].sent_bytes
+                model = METHODS[method].costs(n_global, d, world, dtype)[impl].sent_bytes
                 results.append({"world_size": world, "n_global": n_global, "d": d, "case": label,
                                 "collectives": [c[:3] for c in tally.calls], "tensor_bytes": tally.total(2),
                                 "sent_bytes": tally.total(3), "sent_bytes_backward": tally.total(3, "backward"),
@@ -214,11 +265,11 @@ def _comm_worker(rank: int, world: int, port: int, sizes, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def bench_comm(sizes, worlds) -> list[dict]:
+def bench_comm(sizes, worlds, method: str = "barlow_twins") -> list[dict]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
-            run_workers("bt_fast.bench.loss:_comm_worker", world, sizes, tmp)
+            run_workers("bt_fast.bench.loss:_comm_worker", world, sizes, tmp, method)
             with open(os.path.join(tmp, f"w{world}.json")) as f:
                 out.extend(json.load(f))
     for row in out:
@@ -236,21 +287,24 @@ def _parse_sizes(text: str):
 
 def run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    method = METHODS[args.method]
     try:
-        sizes, comm_sizes = _parse_sizes(args.sizes), _parse_sizes(args.comm_sizes)
+        sizes = _parse_sizes(method.sizes if args.sizes is None else args.sizes)
+        comm_sizes = _parse_sizes(method.comm_sizes if args.comm_sizes is None else args.comm_sizes)
         worlds = [int(w) for w in args.worlds.split(",") if w.strip()]
     except ValueError:
         print("bench loss: --sizes/--comm-sizes take NxD,NxD... and --worlds W,W...")
         return 2
-    impls = args.impls.split(",") if args.impls else (["reference", "gram"] + (["dense"] if device == "cuda" else []))
+    impls = args.impls.split(",") if args.impls else list(method.impls + (method.gpu_impls if device == "cuda" else ()))
     report = {
+        "method": args.method,
         "device": device,
         "threads": torch.get_num_threads(),
         "dtype": "float32",
-        "note": ("cpu: torch paths timed; dense (Triton) runs only in the interpreter here and is not timed"
+        "note": ("cpu: torch paths timed; Triton kernels run only in the interpreter here and are not timed"
                  if device == "cpu" else "cuda: Triton kernels timed"),
-        "timing": [bench_size(n, d, impls, device, args.min_seconds) for n, d in sizes],
-        "comm": bench_comm(comm_sizes, worlds) if comm_sizes and worlds else [],
+        "timing": [bench_size(n, d, impls, device, args.min_seconds, args.method) for n, d in sizes],
+        "comm": bench_comm(comm_sizes, worlds, args.method) if comm_sizes and worlds else [],
     }
     if args.json:
         print(json.dumps(report, indent=1))
@@ -260,7 +314,7 @@ def run(args) -> int:
 
 
 def _print_table(report: dict) -> None:
-    print(f"device={report['device']} threads={report['threads']}  ({report['note']})")
+    print(f"{report['method']} device={report['device']} threads={report['threads']}  ({report['note']})")
     for row in report["timing"]:
         print(f"N={row['n']} D={row['d']}  auto -> {row['auto']}")
         for impl, r in row["impls"].items():
