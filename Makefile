@@ -22,7 +22,7 @@ RUN_DIR ?= $(or $(patsubst train.run_dir=%,%,$(filter train.run_dir=%,$(SET))),$
 CHECKPOINT ?= $(RUN_DIR)/checkpoints/last.pt
 SET ?=
 
-.PHONY: setup train test test-fast bench eval lint data clean-runs docker-build docker-config docker-down
+.PHONY: setup train test test-fast bench doctor eval lint data clean-runs docker-build docker-config docker-down
 .DEFAULT_GOAL := train
 
 setup: $(STAMP)
@@ -101,6 +101,11 @@ bench: setup
 	$(BT) bench step --json
 	$(BT) bench loss --json
 	$(BT) bench pipeline --json
+
+# Will this node train correctly, and how fast? (docs/gpu.md) DOCTOR="--quick --json" for the short run.
+DOCTOR ?=
+doctor: setup
+	$(BT) doctor $(DOCTOR)
 
 # Every protocol next to the same backbone at random init (kNN and linear share cached features).
 eval: setup
