@@ -19,6 +19,8 @@ Two network modes:
   ``docker compose up nodeK dcgmK`` on machine K (and prometheus/grafana on one);
   containers use the host network (InfiniBand/RoCE and the real interfaces), every
   node reserves its own G GPUs, and the rendezvous is ``RDZV_HOST`` (machine 0).
+  Each machine sets ``METRICS_HOST`` to its address on the private cluster network:
+  the exporter binds that address, not every interface.
 
 NCCL/gloo settings written into every trainer (override them per cluster):
 
@@ -85,7 +87,13 @@ def trainer(node: int, *, nodes: int, gpus: int, image: str, config: str, networ
             rdzv_host: str, run_id: str, max_restarts: int, metrics_port: int,
             context: str, overrides: list[str]) -> dict:
     """One node's service: ``scripts/train.sh`` with this job's torchrun settings."""
-    sets = ["metrics.prometheus=true", "metrics.host=0.0.0.0", f"metrics.port={metrics_port}",
+    # The exporter must answer Prometheus in another container: on the bridge network
+    # 0.0.0.0 reaches only that private network (trainer ports are not published); on
+    # the host network it would be every interface of the machine, so there each node
+    # binds the address it names in METRICS_HOST (its private cluster address).
+    host = ("0.0.0.0" if network == "bridge"
+            else "${METRICS_HOST:?set METRICS_HOST to this machine's private cluster address}")
+    sets = ["metrics.prometheus=true", f"metrics.host={host}", f"metrics.port={metrics_port}",
             *overrides]
     command = ["scripts/train.sh"] + [a for s in sets for a in ("--set", s)]
     svc = {

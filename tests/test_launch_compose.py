@@ -145,6 +145,6 @@ def test_make_n_train_torchrun_shows_the_same_command_line():
     lines = _make_n("NODES=4", "GPUS=8", "LAUNCHER=torchrun", "RDZV_HOST=node0",
                     "CONFIG=configs/smoke.yaml")
     (launch_line,) = [l for l in lines if "scripts/train.sh" in l]
-    echoed = subprocess.run(["bash", "-c", re.sub(r"TORCHRUN=\S+", "TORCHRUN=echo", launch_line)],
+    echoed = subprocess.run(["bash", "-c", re.sub(r"TORCHRUN=\S+", "TORCHRUN=echo PREFLIGHT=0", launch_line)],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     assert {"--nnodes=4", "--nproc-per-node=8", "--rdzv-endpoint=node0:29500"} <= set(echoed)
