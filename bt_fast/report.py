@@ -184,6 +184,8 @@ def cross_correlations(ckpt_path: Path, val_dir: Path | None, batch: int):
     cfg = config.from_dict(ckpt["config"], str(ckpt_path))
     if not methods.METHODS[cfg.method.name].crosscorr:
         return None
+    if not (val_dir or cfg.data.val_dir):  # "" would be Path("."): every image under the cwd
+        raise UsageError(f"{ckpt_path}: its config names no data.val_dir; pass --val-dir or --no-crosscorr")
     views = validation_views(cfg, Path(val_dir or cfg.data.val_dir), batch)
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg).eval()
