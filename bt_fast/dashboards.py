@@ -102,8 +102,10 @@ def panels() -> list[dict]:
         _panel("Step time quantiles", [(step_q.format(q=q), f"p{int(q * 100)}")
                                        for q in (0.5, 0.9, 0.99)], unit="s"),
         _panel("Loss terms", [("avg(bt_train_loss)", "loss"),
-                              ("avg(bt_train_loss_on_diag)", "on-diagonal (invariance)"),
-                              ("avg(bt_train_loss_off_diag)", "off-diagonal (redundancy)")]),
+                              ("avg by (term) (bt_train_loss_term)", "{{term}}")],
+               desc="The loss and whatever named terms the run's method has (Barlow Twins: "
+                    "on_diag, off_diag; VICReg: invariance, variance, covariance; SimCLR and "
+                    "BYOL: the loss alone)."),
         _panel("Learning rate", [("avg by (group) (bt_train_lr)", "{{group}}")]),
         _panel("GPU memory", [("max by (rank) (bt_gpu_memory_allocated_bytes)", "allocated {{rank}}"),
                               ("max by (rank) (bt_gpu_memory_reserved_bytes)", "reserved {{rank}}"),

@@ -27,8 +27,10 @@ bt_train_step_duration_seconds         histogram  wall time of a whole step
 bt_data_wait_seconds                   histogram  time the step waited for its batch
 bt_train_phase_duration_seconds        histogram  per ``phase``: data_wait, forward,
                                                   backward, optimizer, comm (if timed)
-bt_train_loss, _loss_on_diag,          gauge      last logged loss terms
-_loss_off_diag
+bt_train_loss                          gauge      last logged loss (any method)
+bt_train_loss_term                     gauge      per ``term``: the method's named terms
+                                                  (VICReg: invariance, variance, covariance)
+bt_train_loss_on_diag, _loss_off_diag  gauge      Barlow Twins' two terms (runs of it only)
 bt_train_lr                            gauge      per ``group``: weights, biases
 bt_train_epoch, bt_train_step          gauge      progress
 bt_nonfinite_steps_total               counter    steps whose loss was NaN/inf
@@ -257,7 +259,8 @@ class PrometheusSink(Sink):
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1", *, rank: int = 0,
-                 world_size: int = 1, config_hash: str = "", version: Optional[str] = None):
+                 world_size: int = 1, config_hash: str = "", version: Optional[str] = None,
+                 terms: Optional[tuple] = None):
         import prometheus_client as pc
         from bt_fast import __version__
 
@@ -273,11 +276,16 @@ class PrometheusSink(Sink):
                                     "Step time per phase (data_wait, forward, backward, comm, optimizer).",
                                     r + ["phase"], buckets=DURATION_BUCKETS, registry=reg)
         self.gauges = {key: pc.Gauge(f"bt_train_{key}", doc, r, registry=reg) for key, doc in (
-            ("loss", "Barlow Twins loss at the last log."),
-            ("loss_on_diag", "Invariance term: sum_i (1 - c_ii)^2."),
-            ("loss_off_diag", "Redundancy term, unweighted: sum_{i!=j} c_ij^2 (loss = on + lambd * off)."),
+            ("loss", "Training loss of the run's method at the last log."),
+            ("loss_on_diag", "Barlow Twins invariance term: sum_i (1 - c_ii)^2."),
+            ("loss_off_diag", "Barlow Twins redundancy term, unweighted: sum_{i!=j} c_ij^2 (loss = on + lambd * off)."),
             ("epoch", "Current (fractional) epoch."),
             ("step", "Current optimizer step."))}
+        self.loss_term = pc.Gauge("bt_train_loss_term", "Named loss terms of the run's method at the "
+                                  "last log (bt_fast.methods; unweighted where the loss weights them).",
+                                  r + ["term"], registry=reg)
+        # The method's terms, to show at zero before the first log; None: whatever is logged.
+        self.terms = tuple(terms or ())
         self.lr = pc.Gauge("bt_train_lr", "Learning rate per parameter group.", r + ["group"], registry=reg)
         self.nonfinite = pc.Counter("bt_nonfinite_steps", "Steps with a NaN/inf loss.", r, registry=reg)
         self.checkpoint_s = pc.Histogram("bt_checkpoint_duration_seconds", "Time to write a checkpoint.",
@@ -303,9 +311,12 @@ class PrometheusSink(Sink):
     def _init_children(self) -> None:
         # Create every labelled series up front so a scrape before the first log
         # already shows the full set, at zero.
+        per_method = {f"loss_{t}" for t in ("on_diag", "off_diag")} - {f"loss_{t}" for t in self.terms}
         for m in (self.images, self.nonfinite, self.step_s, self.data_wait_s, self.checkpoint_s,
-                  *self.gauges.values(), *self.gpu_mem.values()):
+                  *[g for k, g in self.gauges.items() if k not in per_method], *self.gpu_mem.values()):
             m.labels(rank=self.rank)
+        for term in self.terms:
+            self.loss_term.labels(rank=self.rank, term=term)
         for phase in PHASES:
             if phase != "comm":  # only shown once something measures it
                 self.phase_s.labels(rank=self.rank, phase=phase)
@@ -318,6 +329,9 @@ class PrometheusSink(Sink):
         for key, gauge in self.gauges.items():
             if key != "step" and key in record:
                 gauge.labels(rank=rank).set(float(record[key]))
+        for key, value in record.items():
+            if key.startswith("loss_"):  # the trainer logs each method term as loss_<term>
+                self.loss_term.labels(rank=rank, term=key[len("loss_"):]).set(float(value))
         for key, group in (("lr", "weights"), ("lr_biases", "biases")):
             if key in record:
                 self.lr.labels(rank=rank, group=group).set(float(record[key]))
@@ -356,11 +370,14 @@ def open_sinks(cfg, run_dir: Path, *, rank: int, local_rank: int, world_size: in
 
     Raises :class:`MetricsPortError` if the exporter port is taken.
     """
+    from bt_fast.methods import METHODS
+
     sinks: List[Sink] = []
     if cfg.metrics.prometheus:
         sinks.append(PrometheusSink(
             port=cfg.metrics.port + local_rank, host=cfg.metrics.host, rank=rank,
-            world_size=world_size, config_hash=config_hash(cfg)))
+            world_size=world_size, config_hash=config_hash(cfg),
+            terms=tuple(METHODS[cfg.method.name].terms)))
     if rank == 0:
         sinks.append(ConsoleSink(total_steps))
         sinks.append(JsonlSink(Path(run_dir) / "metrics.jsonl"))

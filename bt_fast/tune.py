@@ -1,6 +1,7 @@
 """``bt-fast tune --config PATH``: measure the knobs that decide images/s, keep the best.
 
-Each probe builds the real run (``bt_fast.train.setup``: DALI loader, model, DDP,
+Each probe builds the real run (``bt_fast.train.setup``: DALI loader, the config's method
+(``method.name``, so ``--set method.name=byol`` tunes BYOL's step), DDP,
 optimizer) with one setting changed, runs ``--warmup`` untimed steps (DALI start-up,
 cuDNN autotuning, torch.compile) and ``--steps`` timed ones through
 ``bt_fast.train.train_step``. The search is coordinate descent: knobs are probed one at
@@ -193,7 +194,7 @@ def run(args) -> int:
     env = dist.init(want_cuda=torch.cuda.is_available())
     say = print if env.is_main else (lambda *a, **k: None)
     out = Path(args.out or Path(cfg.train.run_dir) / "tuned.yaml")
-    say(f"tuning {args.config}: {env.world_size} rank(s) on {env.device.type}, "
+    say(f"tuning {args.config} ({cfg.method.name}): {env.world_size} rank(s) on {env.device.type}, "
         f"{args.warmup}+{args.steps} steps per probe, global batch {cfg.data.batch_size}")
     say(HEADER)
     try:

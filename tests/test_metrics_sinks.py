@@ -26,6 +26,7 @@ EXPECTED = {
     "bt_train_loss": "gauge",
     "bt_train_loss_on_diag": "gauge",
     "bt_train_loss_off_diag": "gauge",
+    "bt_train_loss_term": "gauge",
     "bt_train_lr": "gauge",
     "bt_nonfinite_steps": "counter",
     "bt_checkpoint_duration_seconds": "histogram",
@@ -148,12 +149,14 @@ def test_prometheus_names_types_and_labels():
         for s in fam.samples:
             assert s.labels["rank"] == "1", s  # every bt_ series carries the rank
             assert set(s.labels) <= {"rank", "phase", "group", "le", "version",
-                                     "config_hash", "world_size"}, s
+                                     "config_hash", "world_size", "term"}, s
     value = {(s.name, tuple(sorted(s.labels.items()))): s.value
              for f in families.values() for s in f.samples}
     assert value[("bt_train_images_total", (("rank", "1"),))] == 48.0  # 96 global / 2 ranks
     assert value[("bt_nonfinite_steps_total", (("rank", "1"),))] == 1.0
     assert value[("bt_train_lr", (("group", "biases"), ("rank", "1")))] == 0.0048
+    assert value[("bt_train_loss_on_diag", (("rank", "1"),))] == 2.5  # Barlow Twins' names stay
+    assert value[("bt_train_loss_term", (("rank", "1"), ("term", "off_diag")))] == 10.0
     assert value[("bt_train_step_duration_seconds_count", (("rank", "1"),))] == 3
     assert value[("bt_data_wait_seconds_sum", (("rank", "1"),))] == pytest.approx(0.03)
     assert value[("bt_train_phase_duration_seconds_sum", (("phase", "backward"), ("rank", "1")))] \
@@ -186,5 +189,45 @@ def test_open_sinks_serves_on_port_plus_local_rank(tmp_path):
     try:
         (prom,) = logger.sinks
         assert prom.address == ("127.0.0.1", base)
+    finally:
+        logger.close()
+
+
+def _samples(sink) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in _scrape(sink) if f.name.startswith("bt_train_loss") for s in f.samples}
+
+
+def test_prometheus_shows_the_methods_terms_and_only_those():
+    """A VICReg run: its three terms from the first scrape on, no Barlow Twins series."""
+    sink = metrics.PrometheusSink(port=0, rank=0, terms=("invariance", "variance", "covariance"))
+    try:
+        before = _samples(sink)
+        record = {k: v for k, v in _record().items() if k not in ("loss_on_diag", "loss_off_diag")}
+        sink.log(record | {"loss_invariance": 0.5, "loss_variance": 0.25, "loss_covariance": 2.0}, 10)
+        after = _samples(sink)
+    finally:
+        sink.close()
+    terms = {("bt_train_loss_term", (("rank", "0"), ("term", t))) for t in ("invariance", "variance", "covariance")}
+    assert terms <= set(before) and all(before[k] == 0 for k in terms)
+    assert not [k for k in after if k[0] in ("bt_train_loss_on_diag", "bt_train_loss_off_diag")]
+    assert after[("bt_train_loss_term", (("rank", "0"), ("term", "covariance")))] == 2.0
+    assert after[("bt_train_loss", (("rank", "0"),))] == 12.5
+
+
+def test_open_sinks_takes_the_terms_from_the_method(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = Config()
+    cfg.method.name = "vicreg"
+    cfg.metrics.prometheus, cfg.metrics.port = True, port
+    try:
+        logger = metrics.open_sinks(cfg, tmp_path, rank=1, local_rank=0, world_size=2, total_steps=1)
+    except metrics.MetricsPortError:
+        pytest.skip("raced for a free port")
+    try:
+        (prom,) = logger.sinks
+        assert prom.terms == ("invariance", "variance", "covariance")
     finally:
         logger.close()
