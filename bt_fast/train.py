@@ -164,6 +164,18 @@ def all_finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Te
     return torch.isfinite(loss) & torch.isfinite(norms).all()
 
 
+def check_data(cfg: config.Config, world_sizes: list[int]) -> None:
+    """What ``make_loader`` needs of the data config, for every world size torchrun
+    may pick; ``bt_fast.preflight`` runs it before torchrun starts (no retries)."""
+    if cfg.data.reader == "folder" and not cfg.data.train_dir:
+        raise ConfigError("data.train_dir is not set: name the ImageFolder root to train on "
+                          "(configs/fmnist.yaml has Fashion-MNIST's), e.g. --set data.train_dir=PATH")
+    bad = [w for w in world_sizes if cfg.data.batch_size % w]
+    if bad:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the world "
+                          f"size {', '.join(map(str, bad))} (each rank reads batch_size / world size)")
+
+
 def make_loader(cfg: config.Config, env: dist.Env, state: dict | None,
                 entries: torch.Tensor | None = None) -> MultiViewLoader:
     """The sharded loader, resumed from ``state`` when given.
@@ -173,12 +185,7 @@ def make_loader(cfg: config.Config, env: dist.Env, state: dict | None,
     resumes by position (MultiViewLoader ``position_only``: same step, fresh reader of
     the new list from the next epoch boundary); any other change is refused.
     """
-    if cfg.data.reader == "folder" and not cfg.data.train_dir:
-        raise ConfigError("data.train_dir is not set: name the ImageFolder root to train on "
-                          "(configs/fmnist.yaml has Fashion-MNIST's), e.g. --set data.train_dir=PATH")
-    if cfg.data.batch_size % env.world_size:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
-                                 f"the world size {env.world_size}")
+    check_data(cfg, [env.world_size])
     if cfg.data.reader == "webdataset":
         source = WebDatasetSource(cfg.data.webdataset)
     else:

@@ -38,6 +38,15 @@ class StateMismatch(ResumeError, ValueError):
     """A saved loader state this loader cannot continue from; names what differs."""
 
 
+def batches_per_epoch(images: int, num_shards: int, batch_size: int, where: str = "data") -> int:
+    """Full batches each rank yields per epoch (drop last); SourceError if none."""
+    n = (images // num_shards) // batch_size
+    if n == 0:
+        raise SourceError(f"{where}: {images} images over {num_shards} shard(s) give no full batch "
+                          f"of {batch_size} per shard: lower the batch size or add images")
+    return n
+
+
 def rank_seed(seed: int, shard_id: int) -> int:
     """The augmentation seed of one rank: differs per rank, reproducible from (seed, rank)."""
     return (seed * 1_000_003 + shard_id * 7_919 + 1) % (2**31 - 1)
@@ -82,10 +91,8 @@ class MultiViewLoader:
                 raise ValueError(f"view {i} has size {v.size}: set ViewSpec.size")
         self.source, self.batch_size, self.debug = source, int(batch_size), debug
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
-        self._len = (len(source) // num_shards) // self.batch_size
-        if self._len == 0:
-            raise SourceError(f"{len(source)} images over {num_shards} shard(s) give no full batch "
-                              f"of {self.batch_size} per shard: lower the batch size or add images")
+        self._len = batches_per_epoch(len(source), num_shards, self.batch_size,
+                                      where=str(getattr(source, "root", "the data source")))
         self._meta = {
             "format": STATE_FORMAT, "dataset": source.fingerprint(), "num_shards": num_shards,
             "shard_id": shard_id, "batch_size": self.batch_size, "seed": seed,

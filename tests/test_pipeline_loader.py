@@ -256,5 +256,5 @@ def test_state_from_the_other_data_device_is_refused(src):
 
 
 def test_fewer_images_than_one_batch_is_a_data_error(src):
-    with pytest.raises(SourceError, match="64 images over 1 shard.* no full batch of 65"):
+    with pytest.raises(SourceError, match=r"train: 64 images over 1 shard.* no full batch of 65"):
         MultiViewLoader(src, small_views(), 65)
