@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from bt_fast.bench.loss import CollectiveTally
 from bt_fast.procs import run_workers
@@ -20,8 +21,6 @@ TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 1e-2)}
 
 def _worker(rank, world, port, data_path, out_dir):
     """One rank: its rows of the global batch through every impl; results to out_dir."""
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     z1_all, z2_all = torch.load(data_path)

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bt_fast.kernels import IMPLS, barlow_twins_loss, choose_impl, loss_costs, resolve_impl
+from bt_fast.kernels.gram import gram_terms
 from bt_fast.kernels.normalize import normalize_pair
 from bt_fast.kernels.reference import barlow_twins_loss_reference
 
@@ -78,7 +79,7 @@ def test_two_samples_give_no_nan(impl):
 @pytest.mark.slow
 def test_dense_kernel_across_many_tiles_and_strides():
     """Small blocks: 4 x 4 tiles, masked edges in N and D, non-contiguous inputs."""
-    from bt_fast.kernels.dense import dense_terms
+    from bt_fast.kernels.dense import dense_terms  # imports triton: only the tests that run it pay
 
     z1, z2 = _z(37, 50, seed=5)
     a1, a2 = normalize_pair(z1, z2)
@@ -99,8 +100,6 @@ def test_dense_kernel_across_many_tiles_and_strides():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gram_with_the_fused_triton_normalization(dtype):
     """The CUDA default (colnorm.py kernel) run here under the interpreter."""
-    from bt_fast.kernels.gram import gram_terms
-
     z1, z2 = _z(37, 50, seed=7)
     want = barlow_twins_loss_reference(z1, z2, return_terms=True)
     x1 = z1.detach().to(dtype).clone().requires_grad_(True)
@@ -115,8 +114,6 @@ def test_gram_with_the_fused_triton_normalization(dtype):
 
 
 def test_normalization_and_gram_pass_gradcheck():
-    from bt_fast.kernels.gram import gram_terms
-
     z1, z2 = _z(6, 4)
     z1.requires_grad_(True), z2.requires_grad_(True)
     torch.autograd.gradcheck(lambda a, b: normalize_pair(a, b, eps=1e-3), (z1, z2))
@@ -133,7 +130,7 @@ def test_dense_backward_grid_has_enough_programs_and_covers_every_tile():
     blocks (N = 37, D = 50 with 16 x 16 tiles), for a slice of rows (row0, n_out) as
     on a rank of a distributed run.
     """
-    from bt_fast.kernels.dense import backward_grid, tile_terms_backward
+    from bt_fast.kernels.dense import backward_grid, tile_terms_backward  # imports triton
 
     assert backward_grid(512, 64, 264) == (8, 8)  # was (8,): 8 programs
     assert backward_grid(8192, 64, 264) == (128, 3)  # 384 programs, 3 partial gradients
@@ -223,7 +220,7 @@ def test_compiled_kernels_on_gpu_match_float64(impl, dtype):
 def test_dense_addresses_past_2_to_the_31_on_gpu():
     """int64 offsets: a column-major [N, 64] view puts column i at i * N, past 2^31 for
     i >= 64 at N = 2^25 + 3 (4 GiB of bf16 per view; never run: no GPU here yet)."""
-    from bt_fast.kernels.dense import tile_terms_forward
+    from bt_fast.kernels.dense import tile_terms_forward  # imports triton
 
     n, d = 2**25 + 3, 64
     g = torch.Generator(device="cuda").manual_seed(0)

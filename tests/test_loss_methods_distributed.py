@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from bt_fast.bench.loss import CollectiveTally
 from bt_fast.kernels import byol_loss, nt_xent_loss, vicreg_loss, vicreg_official_loss
@@ -55,8 +56,6 @@ def _gradient_factor(name, rank, world):
 
 def _worker(rank, world, port, data_path, out_dir):
     """One rank: its rows of the global batch through every case; results to out_dir."""
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
