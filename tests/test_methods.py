@@ -171,3 +171,11 @@ def test_every_method_views_preset_matches_its_count():
         cfg = config.load(None, [f"method.name={name}"])
         assert len(expand(cfg.views)) == cls.n_views, name
         config.validate(cfg)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = config.load(path)
+    config.validate(cfg)
+    if path.stem.startswith("imagenet_"):  # the published recipes name their method
+        assert cfg.method.name == path.stem.removeprefix("imagenet_")
