@@ -102,16 +102,16 @@ def data_wait(host: Host, cfg, quick: bool, threads: int) -> Check:
     missing = _needs(host, "data_wait_share")
     if missing:
         return missing
-    from bt_fast import metrics
+    from bt_fast import config, metrics
     from bt_fast.bench.step import contender, contender_step
-    from bt_fast.pipelines import FolderSource, MultiViewLoader, presets
+    from bt_fast.pipelines import FolderSource, MultiViewLoader
 
     batch, steps = (32, 6) if quick else (64, 12)
     run, _ = contender(cfg, batch, torch.device("cuda"))
     with tempfile.TemporaryDirectory(prefix="bt-doctor-") as tmp:
         root = _jpegs(tmp, batch * (steps + 2))
-        loader = MultiViewLoader(FolderSource(root), presets.barlow_twins(224), batch, device="gpu",
-                                 num_threads=threads)
+        loader = MultiViewLoader(FolderSource(root), config.resolved_views(cfg), batch, device="gpu",
+                                 num_threads=threads)  # the recipe's own views
         it, timer = iter(loader), metrics.StepTimer("cuda")
         for i in range(steps + 2):
             timer.start()
