@@ -24,7 +24,17 @@ def recipe():
     return config.load(REPO / "configs/imagenet.yaml")
 
 
+@pytest.mark.gpu
+def test_doctor_passes_on_this_gpu(capsys):
+    """Where a GPU is: the whole quick doctor, every line PASS or SKIP (never run yet)."""
+    code = main(["doctor", "--json", "--quick"])
+    report = json.loads(capsys.readouterr().out)
+    fails = [c for part in report["parts"].values() for c in part if c["status"] == FAIL]
+    assert code == 0 and not fails, fails
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path; test_doctor_passes_on_this_gpu covers GPUs")
 def test_json_quick_prints_a_complete_report(capsys):
     assert main(["doctor", "--json", "--quick"]) == 0
     report = json.loads(capsys.readouterr().out)
