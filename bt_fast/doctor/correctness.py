@@ -18,12 +18,14 @@ from bt_fast.doctor.environment import Host
 from bt_fast.doctor.report import FAIL, PASS, Check, skip
 
 UPSTREAM = 1.7  # an upstream gradient that is not 1 catches a dropped grad_output
-# (loss rel, grad rel) per dtype; fp32 loose enough for GPU reduction orders
-TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (5e-3, 2e-2)}
+LAMBD = 0.0051  # the oracle's default weight of the off-diagonal term
+# (loss rel, grad rel) per dtype: tests/test_loss_kernels.py's bf16 loss bound; fp32 and
+# bf16 gradients looser than the tests' for GPU reduction orders at D = 8192
+TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (1e-2, 2e-2)}
 
 
 def sizes(host: Host, quick: bool) -> list[tuple[int, int]]:
-    """N x D cases: none a multiple of the 64-wide blocks (masked edges) but the first."""
+    """N x D cases: whole 64-wide blocks and ragged ones (masked edges in N and D)."""
     if not host.cuda:  # interpreter: seconds per case
         return [(37, 50)] if quick else [(37, 50), (64, 129)]
     return [(256, 512), (1000, 1030)] if quick else [(256, 512), (1000, 1030), (2048, 2051), (2048, 8192)]
@@ -57,7 +59,7 @@ def loss_impl(impl: str, host: Host, quick: bool) -> Check:
     if impl == "gram":  # fused=True: the Triton column norm, as on CUDA (interpreter here)
         def fn(a, b):
             on, off = gram_terms(a, b, fused=True)
-            return on + 0.0051 * off
+            return on + LAMBD * off
     else:
         def fn(a, b):
             return barlow_twins_loss(a, b, impl=impl)
@@ -86,7 +88,8 @@ def loss_impl(impl: str, host: Host, quick: bool) -> Check:
 
 
 def colnorm(host: Host, quick: bool) -> Check:
-    """The fused column-norm kernel vs plain float64 statistics (forward outputs)."""
+    """The fused column-norm kernel vs plain float64 statistics (its forward outputs; the
+    gradients through it are loss.gram's, which runs it with fused=True)."""
     from bt_fast.kernels.colnorm import colnorm_pair
     from bt_fast.kernels.reference import batch_normalize
 
@@ -102,7 +105,7 @@ def colnorm(host: Host, quick: bool) -> Check:
             errs = [_rel(a1, r1), _rel(a2, r2), _rel(inv, r_inv), _rel(diag, (r1 * r2).mean(0))]
             worst, cases = max(worst, *errs), cases + 1
     name = "colnorm" + ("" if host.cuda else " [interpreter]")
-    status = PASS if worst <= 1e-5 else FAIL
+    status = PASS if worst <= 1e-4 else FAIL  # fp32 sums over N rows: ~sqrt(N) ulp typical
     return Check(name, status, f"{cases} cases (a1, a2, 1/sigma, diag c): worst rel error {worst:.1e}",
                  {"worst": worst})
 
