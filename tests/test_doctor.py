@@ -266,3 +266,13 @@ class _CudaTensor(torch.Tensor):
     @property
     def device(self):
         return torch.device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts what happens without a driver")
+def test_jpeg_hw_probe_without_a_driver():
+    """The nvJPEG probe's ctypes calls run here; with no driver they say so rather than guess."""
+    check = environment.jpeg_hw_decoder(Host(gpus=1, gpu_name=H100, dali="2.4.0"), (9, 0))
+    if environment._nvjpeg() is None:  # no libnvjpeg: judged from the model (H100 has NVJPG)
+        assert check.status == PASS and check.data["present"]
+    else:
+        assert check.status == SKIP and "does not initialise" in check.detail

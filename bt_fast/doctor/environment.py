@@ -126,9 +126,9 @@ def gpu(host: Host) -> list[Check]:
 
 def _nvjpeg():
     """ctypes handle of libnvjpeg: the loader path, then the pip wheels' lib folders."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))  # where the nvidia-* wheels unpack
     names = ["libnvjpeg.so", "libnvjpeg.so.13", "libnvjpeg.so.12"]
-    for base in {os.path.dirname(os.path.dirname(torch.__file__))}:
-        names += glob.glob(os.path.join(base, "nvidia", "**", "libnvjpeg.so*"), recursive=True)
+    names += sorted(glob.glob(os.path.join(site, "nvidia", "**", "libnvjpeg.so*"), recursive=True))
     for n in names:
         try:
             return ctypes.CDLL(n)
@@ -146,10 +146,16 @@ def jpeg_hw_decoder(host: Host, capability: tuple[int, int]) -> Check:
         known = capability in ((8, 0), (9, 0), (10, 0))
         return Check("jpeg_hw_decoder", PASS, f"{'likely present' if known else 'likely absent'} "
                      f"(sm_{capability[0]}{capability[1]}; libnvjpeg not found to ask)", {"present": known})
-    handle = ctypes.c_void_p()
-    status = lib.nvjpegCreateEx(NVJPEG_BACKEND_HARDWARE, None, None, 0, ctypes.byref(handle))
-    if status == 0:
-        lib.nvjpegDestroy(handle)
+    def create(backend: int) -> int:
+        handle = ctypes.c_void_p()
+        status = lib.nvjpegCreateEx(backend, None, None, 0, ctypes.byref(handle))
+        if status == 0:
+            lib.nvjpegDestroy(handle)
+        return status
+
+    status = create(NVJPEG_BACKEND_HARDWARE)
+    if status != 0 and create(0) != 0:  # nvJPEG fails altogether: says nothing about the hardware
+        return skip("jpeg_hw_decoder", f"nvJPEG does not initialise here (status {status})")
     present = status == 0
     return Check("jpeg_hw_decoder", PASS, "present: `mixed` decode offloads to NVJPG" if present else
                  f"absent (nvJPEG status {status}): decode runs on CUDA cores, competing with training",
