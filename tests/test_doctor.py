@@ -198,6 +198,12 @@ def unguarded_newer_names(source: str) -> list[str]:
     aliases = _aliases(tree)
 
     def visit(node, parents):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch"):
+            for a in node.names:  # the import itself fails on an older torch
+                name = f"{node.module}.{a.name}"
+                hit = next((n for n in compat.NEWER_THAN_FLOOR if name == n or name.startswith(n + ".")), None)
+                if hit and not _guarded(parents):
+                    found.append(f"line {node.lineno}: {hit} (torch {compat.NEWER_THAN_FLOOR[hit]})")
         if isinstance(node, (ast.Attribute, ast.Name)):
             name = _dotted(node, aliases) if isinstance(node, ast.Attribute) else aliases.get(node.id)
             hit = name and next((n for n in compat.NEWER_THAN_FLOOR if name == n or name.startswith(n + ".")), None)
@@ -215,6 +221,8 @@ def unguarded_newer_names(source: str) -> list[str]:
 def test_the_checker_flags_unguarded_and_accepts_guarded_uses():
     assert unguarded_newer_names("import torch\nn = torch.nn.utils.get_total_norm(ps)\n")
     assert unguarded_newer_names("from torch import accelerator\naccelerator.synchronize()\n")
+    assert unguarded_newer_names("from torch.nn.utils import get_total_norm\n")
+    assert not unguarded_newer_names("try:\n    from torch.nn.utils import get_total_norm\nexcept ImportError:\n    pass\n")
     assert unguarded_newer_names("import torch.backends.cuda as b\nb.matmul.fp32_precision = 'tf32'\n")
     assert not unguarded_newer_names(
         "import torch\ntry:\n    a = torch.accelerator.current_accelerator()\nexcept AttributeError:\n    a = None\n")
