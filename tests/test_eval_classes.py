@@ -7,7 +7,7 @@ import torch
 from bt_fast.cli import main
 from bt_fast.config import Config, ModelConfig, to_dict
 from bt_fast.data import make_synthetic
-from bt_fast.model import BarlowTwins
+from bt_fast.methods import build
 
 
 def test_eval_refuses_splits_with_different_classes(tmp_path, capsys):
@@ -18,9 +18,10 @@ def test_eval_refuses_splits_with_different_classes(tmp_path, capsys):
     assert main(["data", "check", str(data / "train")]) == 0
     cfg = Config()
     cfg.data.train_dir, cfg.data.val_dir, cfg.data.image_size = str(data / "train"), str(data / "val"), 32
-    cfg.model = ModelConfig(backbone="resnet18", width=8, small_stem=True, projector="16-16")
+    cfg.model = ModelConfig(backbone="resnet18", width=8, small_stem=True)
+    cfg.method.barlow_twins.projector = "16-16"
     ckpt = tmp_path / "last.pt"
-    torch.save({"model": BarlowTwins(cfg.model).state_dict(), "step": 1, "config": to_dict(cfg)}, ckpt)
+    torch.save({"model": build(cfg).state_dict(), "step": 1, "config": to_dict(cfg)}, ckpt)
     capsys.readouterr()
     assert main(["eval", "knn", "--checkpoint", str(ckpt), "--no-cache", "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
