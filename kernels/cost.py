@@ -1,12 +1,16 @@
-"""The written cost model behind ``impl="auto"``: flops, bytes moved, bytes sent.
+"""The written cost models behind ``impl="auto"``: flops, bytes moved, bytes sent.
 
-Per rank, for a global batch N = W * n, embedding width D and input itemsize s:
+Barlow Twins here; VICReg ("vicreg_costs") at the end of the file. Per rank, for a
+global batch N = W * n, embedding width D and input itemsize s:
 
     impl       flops                        extra memory (bytes)        sent per rank
     gram       8 n N D + 2 N D              4 (4 N D + 2 n N + 4 n D)   G + 2 (W-1)/W 4 2D
-    dense      6 N D^2 + 4 n D^2            8 tiles + 2 N D s           G + Z
+    dense      6 N D^2 + 4 n D^2            8 tiles + 2 N D s (*)       G + Z
     reference  6 N D^2                      16 D^2 + 8 N D              (W-1) 2 n D s
     official   6 n D^2                      16 D^2                      2 (W-1)/W 4 D^2 + Z
+
+    (*) plus, in backward, ``split`` partial [n, D] fp32 gradients (dense.backward_grid:
+        1 in the interpreter, up to D / DENSE_BLOCK_D on a GPU); not modelled
 
     G = (W-1) * 2 n D * s   one ring all-gather of the normalized pair (bf16 allowed)
     Z = 2 (W-1)/W * 4 * 8D  fp32 all-reduces of normalization: [2D], [2D] forward, [4D] backward
