@@ -138,15 +138,12 @@ class MetricsConfig:
     """Bind address of the exporter."""
 
 
-def _default_views() -> List[ViewSpec]:
-    # Official Barlow Twins recipe (facebookresearch/barlowtwins, main.py: Transform).
-    return [ViewSpec(blur_p=1.0, solarize_p=0.0), ViewSpec(blur_p=0.1, solarize_p=0.2)]
-
-
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    views: List[ViewSpec] = field(default_factory=_default_views)
+    # A YAML file without views (or with []) gets its method's preset (from_dict); a
+    # Config() built in code starts with Barlow Twins', its default method.
+    views: List[ViewSpec] = field(default_factory=presets.barlow_twins)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
