@@ -45,6 +45,7 @@ def test_json_quick_prints_a_complete_report(capsys):
     for want in ("loss.dense [interpreter]", "loss.gram [interpreter]", "colnorm [interpreter]",
                  "dali.gpu_vs_cpu", "train_steps [cpu twin]", "nccl.distributed_loss"):
         assert want in names["correctness"]
+    assert "speedup_over_plain_loop" in checks_data(report, "step_images_per_s")
     for want in ("step_images_per_s", "loss_ms", "pipeline_images_per_s", "data_wait_share", "verdict"):
         assert want in names["speed"]
     checks = {c["name"]: c for part in report["parts"].values() for c in part}
@@ -284,3 +285,7 @@ def test_jpeg_hw_probe_without_a_driver():
         assert check.status == PASS and check.data["present"]
     else:
         assert check.status == SKIP and "does not initialise" in check.detail
+
+
+def checks_data(report: dict, name: str) -> dict:
+    return next(c["data"] for part in report["parts"].values() for c in part if c["name"] == name)

@@ -32,8 +32,35 @@ def step_flops(run, views) -> float:
     return float(counter.get_total_flops())
 
 
+def _seconds_per_step(step, device: torch.device, steps: int, warmup: int) -> float:
+    """Mean seconds per call: ``warmup`` untimed calls, then ``steps`` calls and one sync."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()  # one sync for the whole timed block
+    return (time.perf_counter() - t0) / steps
+
+
+def plain_loop_seconds(run, views, device, steps: int, warmup: int) -> float:
+    """bench step's baseline on the same weights and views: NCHW, fp32, the official loss."""
+    import copy
+
+    from bt_fast import optim
+    from bt_fast.bench.step import baseline_step, set_peak_lrs
+
+    plain = copy.deepcopy(run.model).to(memory_format=torch.contiguous_format)
+    opt = optim.build(plain, run.cfg.optim)
+    set_peak_lrs(opt, run.cfg)
+    nchw = [v.contiguous() for v in views]
+    return _seconds_per_step(lambda: baseline_step(plain, nchw, opt), device, steps, warmup)
+
+
 def step_speed(host: Host, cfg, quick: bool) -> Check:
-    """bt_fast's train step at the recipe (e.g. ResNet-50, 224 px, channels-last, bf16)."""
+    """bt_fast's train step at the recipe (e.g. ResNet-50, 224 px, channels-last, bf16), and
+    without --quick the plain training loop beside it (bench step's ratio)."""
     from bt_fast.bench.step import contender, contender_step
     from bt_fast.doctor.correctness import tiny_twin
 
@@ -43,26 +70,24 @@ def step_speed(host: Host, cfg, quick: bool) -> Check:
     else:  # CPU twin: exercises this code; its number says nothing about a GPU
         cfg, batch, steps, warmup = tiny_twin(cfg), 8, 1, 1
     run, views = contender(cfg, batch, device)
-    for _ in range(warmup):
-        contender_step(run, views)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = contender_step(run, views)
-    loss.item()  # one sync for the whole timed block
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = _seconds_per_step(lambda: contender_step(run, views), device, steps, warmup)
     flops = step_flops(run, views)
     images_per_s, tflops = batch / seconds, flops / seconds / 1e12
     data = {"images_per_s": images_per_s, "tflops": tflops, "batch": batch, "flops_per_image": flops / batch,
             "backbone": cfg.model.backbone, "precision": cfg.train.precision}
+    if not (quick and host.cuda):
+        plain_s = plain_loop_seconds(run, views, device, max(1, steps // 3), 1)
+        data.update(plain_images_per_s=batch / plain_s, speedup_over_plain_loop=plain_s / seconds)
+    vs_plain = f"; {data['speedup_over_plain_loop']:.2f}x the plain loop" if "speedup_over_plain_loop" in data else ""
     if not host.cuda:
-        return skip("step_images_per_s", f"no GPU; the CPU twin ran ({images_per_s:.0f} img/s, tiny model): "
-                    "not a GPU figure", **data)
+        return skip("step_images_per_s", f"no GPU; the CPU twin ran ({images_per_s:.0f} img/s, tiny model"
+                    f"{vs_plain}): not a GPU figure", **data)
     peak = paper.peak_tflops(host.gpu_name)
     data["peak_tflops"] = peak
     share = f" = {100 * tflops / peak:.1f} % of {peak:.0f} bf16 peak" if peak else " (peak unknown for this GPU)"
     return Check("step_images_per_s", PASS, f"{images_per_s:,.0f} img/s per GPU ({2 * images_per_s:,.0f} views/s), "
-                 f"{tflops:.0f} TFLOP/s{share}; {cfg.model.backbone} {cfg.train.precision} batch {batch}", data)
+                 f"{tflops:.0f} TFLOP/s{share}; {cfg.model.backbone} {cfg.train.precision} batch {batch}{vs_plain}",
+                 data)
 
 
 def loss_speed(host: Host, quick: bool) -> Check:
