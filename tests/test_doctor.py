@@ -124,6 +124,8 @@ def test_incompatibilities(monkeypatch):
     host = Host(gpus=0, dali="1.44.0")
     check = compat.incompatibilities(host, "bf16")
     assert check.status == PASS and any("zero-copy" in n for n in check.data["notes"])
+    check = compat.incompatibilities(Host(gpus=0, dali=""), "bf16")
+    assert check.status == PASS and any("cannot read images" in n for n in check.data["notes"])
     monkeypatch.setattr(compat, "_torch_wants_triton", lambda: "9.9.0")
     check = compat.incompatibilities(Host(gpus=0), "bf16")
     assert check.status == FAIL and "triton" in check.detail

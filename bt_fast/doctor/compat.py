@@ -65,7 +65,10 @@ def incompatibilities(host: Host, precision: str) -> Check:
     if dali_dist and torch.version.cuda and _cuda_major_of_dali(dali_dist) not in (None, torch_cuda):
         notes.append(f"{dali_dist} beside torch for CUDA {torch.version.cuda}: two CUDA runtimes in one "
                      f"process; install nvidia-dali-cuda{torch_cuda}0 (Makefile DALI_PKG)")
-    if host.dali and _version_tuple(host.dali)[:2] < DALI_ZERO_COPY:
+    if not host.dali:
+        notes.append("no DALI: `bt-fast train` cannot read images here (its loader is DALI's); "
+                     f"install nvidia-dali-cuda{torch_cuda}0")
+    elif _version_tuple(host.dali)[:2] < DALI_ZERO_COPY:
         notes.append(f"DALI {host.dali} < 2.0: its classic executor copies every output, so the "
                      "loader's zero-copy hand-over does not hold (one extra device copy per view)")
     data = {"hard": hard, "notes": notes}
