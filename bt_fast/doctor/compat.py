@@ -67,7 +67,7 @@ def incompatibilities(host: Host, precision: str) -> Check:
                      f"process; install nvidia-dali-cuda{torch_cuda}0 (Makefile DALI_PKG)")
     if not host.dali:
         notes.append("no DALI: `bt-fast train` cannot read images here (its loader is DALI's); "
-                     f"install nvidia-dali-cuda{torch_cuda}0")
+                     f"install {f'nvidia-dali-cuda{torch_cuda}0' if torch_cuda else 'the DALI wheel for your CUDA'}")
     elif _version_tuple(host.dali)[:2] < DALI_ZERO_COPY:
         notes.append(f"DALI {host.dali} < 2.0: its classic executor copies every output, so the "
                      "loader's zero-copy hand-over does not hold (one extra device copy per view)")
