@@ -62,12 +62,13 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------ writing
 
 
-def prepare(run_dir: str | Path) -> Path:
+def prepare(run_dir: str | Path, clean: bool = True) -> Path:
     """Create (or check) the checkpoint folder and remove temp files of killed runs.
 
     Called by the one process that writes checkpoints, before training: a temp file
-    left by kill -9 belongs to no live writer then. An unwritable run folder is one
-    line (RunDirError) here rather than a traceback at the first checkpoint.
+    left by kill -9 belongs to no live writer then (``clean=False`` for checks that may
+    run beside a live job, e.g. a node joining an elastic one). An unwritable run folder
+    is one line (RunDirError) here rather than a traceback at the first checkpoint.
     """
     ckdir = checkpoint_dir(run_dir)
     try:
@@ -78,6 +79,8 @@ def prepare(run_dir: str | Path) -> Path:
     except OSError as e:
         raise RunDirError(f"run folder {run_dir} is not writable ({e.strerror or e}): "
                           "set train.run_dir to a folder you can write") from None
+    if not clean:
+        return ckdir
     stale = sorted(ckdir.glob(f".{LAST}.tmp.*")) + sorted(ckdir.glob(f".{PREV}.tmp.*"))
     for path in stale:
         path.unlink(missing_ok=True)

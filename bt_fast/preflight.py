@@ -33,7 +33,8 @@ def check(cfg: config.Config, world_sizes: list[int]) -> None:
         images = len(filelist.read(cfg.data.train_dir))  # SourceError if missing or malformed
         for w in world_sizes:
             batches_per_epoch(images, w, cfg.data.batch_size // w, where=cfg.data.train_dir)
-    checkpoint.prepare(cfg.train.run_dir)
+    # Writable? Temp files stay: a node joining a running elastic job must not touch them.
+    checkpoint.prepare(cfg.train.run_dir, clean=False)
 
 
 def main(argv: list[str] | None = None) -> int:
