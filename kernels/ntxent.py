@@ -42,6 +42,11 @@ class NTXentGlobal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u1, u2, temperature, group):
+        with torch.autocast(u1.device.type, enabled=False):  # a caller's autocast must not make logits bf16
+            return NTXentGlobal._forward(ctx, u1, u2, temperature, group)
+
+    @staticmethod
+    def _forward(ctx, u1, u2, temperature, group):
         n = u1.shape[0]
         w, r = collectives.world_size(group), collectives.rank(group)
         U1, U2 = collectives.all_gather_pair(u1, u2, group, u1.dtype)  # [N, D] each

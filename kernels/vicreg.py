@@ -62,6 +62,11 @@ class VICRegGram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, z2, eps, group, gather_dtype):
+        with torch.autocast(z1.device.type, enabled=False):  # a caller's autocast must not make G bf16
+            return VICRegGram._forward(ctx, z1, z2, eps, group, gather_dtype)
+
+    @staticmethod
+    def _forward(ctx, z1, z2, eps, group, gather_dtype):
         n = z1.shape[0]
         dtype = torch.promote_types(z1.dtype, torch.float32)
         # every rank gathers the same rounded rows (its own included): identical X, Y

@@ -94,6 +94,18 @@ def test_nt_xent_known_values_and_invariance():
     assert nt_xent_loss(z1, z2, temperature=0.5) != nt_xent_loss(z1, z2, temperature=0.1)
 
 
+def test_nt_xent_ignores_a_callers_autocast():
+    z1, z2 = (z.float() for z in _z(9, 6, seed=8))
+    a = z1.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = nt_xent_loss(a, z2)
+    (g_in,) = torch.autograd.grad(inside, a)
+    outside = nt_xent_loss(a, z2)
+    (g_out,) = torch.autograd.grad(outside, a)
+    assert inside.dtype == torch.float32 and abs(inside - outside).item() <= 1e-6 * outside.item()
+    assert _rel(g_in, g_out.double()) <= 1e-6
+
+
 def test_nt_xent_passes_gradcheck_and_rejects_bad_input():
     z1, z2 = _z(4, 3, seed=5)
     z1.requires_grad_(True), z2.requires_grad_(True)
