@@ -120,3 +120,12 @@ def test_load_of_a_foreign_file_is_a_checkpoint_error(tmp_path):
     (tmp_path / "x.pt").write_bytes(os.urandom(64))
     with pytest.raises(CheckpointError, match="not a readable bt_fast checkpoint"):
         checkpoint.load(tmp_path / "x.pt")
+
+
+def test_prepare_for_a_check_leaves_temp_files_alone(tmp_path):
+    """The preflight may run beside a live elastic job: rank 0's temp file is not stale."""
+    ckdir = checkpoint.checkpoint_dir(tmp_path)
+    ckdir.mkdir(parents=True)
+    (ckdir / ".last.pt.tmp.4242").write_bytes(b"being written")
+    checkpoint.prepare(tmp_path, clean=False)
+    assert (ckdir / ".last.pt.tmp.4242").is_file()
