@@ -162,13 +162,12 @@ def test_train_sh_refuses_a_config_error_before_torchrun_starts(repo_root, tiny_
     batch against every world size NODES allows (here 1:2 nodes x 3) before starting it."""
     env = {**os.environ, "NODES": "1:2", "GPUS": "3", "TORCHRUN": "echo", "PYTHON": sys.executable,
            "CONFIG": str(repo_root / "configs" / "smoke.yaml")}
-    proc = subprocess.run([str(repo_root / "scripts" / "train.sh"), "--set", f"data.train_dir={tiny_imagefolder / 'train'}",
-                           "--set", f"train.run_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True)
+    argv = [str(repo_root / "scripts" / "train.sh"), "--set", f"data.train_dir={tiny_imagefolder / 'train'}",
+            "--set", f"train.run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stdout == ""  # torchrun (echo here) never ran
-    assert proc.stderr.strip() == ("bt-fast train: config error: data.batch_size=16 is not divisible by the "
-                                   "world size 3, 6 (each rank reads batch_size / world size)")
-    env["GPUS"] = "2"
-    proc = subprocess.run([str(repo_root / "scripts" / "train.sh"), "--set", f"data.train_dir={tiny_imagefolder / 'train'}",
-                           "--set", f"train.run_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True)
+    assert proc.stderr.strip() == ("bt-fast train: config error: data.batch_size=16 is not divisible by "
+                                   "the world size 3, 6 (each rank reads batch_size / world size)")
+    proc = subprocess.run(argv, env={**env, "GPUS": "2"}, capture_output=True, text=True)
     assert proc.returncode == 0 and "--max-restarts=3" in proc.stdout and "-m bt_fast train" in proc.stdout
