@@ -106,8 +106,9 @@ class FolderSource:
         if log:
             log(f"searching {n} listed files for the one DALI could not decode "
                 f"(shard {s} of {num_shards} first)")
-        chunk = 64 * (os.cpu_count() or 1)
-        with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL
+        threads = min(32, os.cpu_count() or 1)
+        chunk = 64 * threads
+        with ThreadPoolExecutor(threads) as pool:  # PIL decodes without holding the GIL
             for k in range(0, n, chunk):
                 part = candidates[k:k + chunk]
                 for path, reason in zip(part, pool.map(image_problem, part)):
