@@ -115,3 +115,12 @@ def test_light_modules_do_not_load_dali():
             "print(sorted(m for m in sys.modules if m.startswith('nvidia.dali')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_package_is_installed_by_pyproject():
+    """A non-editable install (Docker) ships only the packages pyproject lists."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert found == listed, f"add to pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
