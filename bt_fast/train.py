@@ -61,8 +61,9 @@ class BufferGuard:
     the loss is known to be finite; a NaN batch would leave NaN statistics behind a
     step that "changed nothing". ``hold`` copies every buffer before forward and
     ``keep_if(applied)`` puts the copies back where ``applied`` is False, with
-    torch.where (NaN-safe; no host sync). Cost per step: one copy of all buffers
-    (BN statistics: ~0.2 MB for ResNet-50 + projector) and one where per buffer.
+    torch.where (NaN-safe; no host sync). Cost per step: one fused copy of all buffers
+    (BN statistics: ~0.2 MB for ResNet-50 + projector) and one in-place where per buffer
+    (~165 small kernels for ResNet-50, twice that with BYOL's target).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -75,7 +76,7 @@ class BufferGuard:
 
     def keep_if(self, applied: torch.Tensor) -> None:
         for b, saved in zip(self.buffers, self.saved):
-            b.copy_(torch.where(applied, b, saved))
+            torch.where(applied, b, saved, out=b)  # out= is b itself: elementwise, safe
 
 
 def autocast(cfg: config.Config, device: torch.device):
