@@ -191,6 +191,11 @@ class MultiViewLoader:
     def _check_state(self, state: dict, position_only: bool) -> None:
         if not isinstance(state, dict) or "dali" not in state:
             raise StateMismatch("pipeline state is not a MultiViewLoader.state_dict()")
+        if state.get("format") == 2:
+            # Format 2 did not record the device. Until format 3 no bt_fast release had run
+            # a GPU pipeline (README, "What was never run on a GPU"): every such state
+            # came from the CPU graph, so it reads as a CPU state.
+            state = {**state, "format": 3, "device": "cpu"}
         names = {"format": "state format", "dataset": "dataset (image count / file-list hash)",
                  "num_shards": "number of shards (world size)", "shard_id": "shard id (rank)",
                  "batch_size": "per-rank batch size", "seed": "seed", "views": "views",

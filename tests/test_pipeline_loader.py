@@ -255,6 +255,19 @@ def test_state_from_the_other_data_device_is_refused(src):
         MultiViewLoader(src, small_views(), 8, state=state)
 
 
+def test_state_written_before_the_device_was_recorded_resumes_on_the_cpu(src):
+    a = MultiViewLoader(src, small_views(), 8)
+    it = iter(a)
+    next(it)
+    state = a.state_dict()
+    expected = [v.clone() for v in next(it)[0]]
+    old = {k: v for k, v in state.items() if k != "device"} | {"format": 2}
+    views, _ = next(iter(MultiViewLoader(src, small_views(), 8, state=old)))
+    assert all(torch.equal(x, y) for x, y in zip(views, expected))
+    with pytest.raises(ResumeError, match="data device"):
+        MultiViewLoader(src, small_views(), 8, device="gpu", state=old)
+
+
 def test_fewer_images_than_one_batch_is_a_data_error(src):
     with pytest.raises(SourceError, match=r"train: 64 images over 1 shard.* no full batch of 65"):
         MultiViewLoader(src, small_views(), 65)
