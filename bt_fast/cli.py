@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from bt_fast.errors import EXIT_USER, UserError
+from bt_fast.errors import EXIT_USER, UserError, one_line
 
 COMMANDS = {
     "train": ("bt_fast.train", "pretrain with Barlow Twins: bt-fast train --config PATH [--set k=v ...]"),
@@ -49,14 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:
-        print(user_error_line(name, e), file=sys.stderr)
+        print(one_line(name, e), file=sys.stderr)
         return EXIT_USER
-
-
-def user_error_line(command: str, error: UserError) -> str:
-    """``bt-fast COMMAND: [kind: ]message`` folded onto one line."""
-    message = " ".join(str(error).split()) or type(error).__name__
-    return f"bt-fast {command}: {error.kind + ': ' if error.kind else ''}{message}"
 
 
 if __name__ == "__main__":

@@ -191,9 +191,8 @@ def cross_correlations(ckpt_path: Path, val_dir: Path | None, batch: int):
     model = methods.build(cfg).eval()
     cs = []
     for state in (None, ckpt["model"]):
-        if state is not None:  # strip DDP / torch.compile wrappers' prefixes if any
-            model.load_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v
-                                   for k, v in state.items()})
+        if state is not None:
+            model.load_state_dict(checkpoint.strip_wrappers(state))
         with torch.no_grad():
             z1, z2 = model(views)
         cs.append(cross_correlation(z1, z2, model.cfg.eps))
