@@ -88,6 +88,8 @@ class GramLoss(torch.autograd.Function):
         N = A.shape[0]
         r0 = collectives.rank(group) * n
         A_r, B_r = A[r0 : r0 + n], B[r0 : r0 + n]  # this rank's rows, as every rank sees them
+        if n < N:  # saved for backward: copies, so that the [N, D] A and B can go after forward
+            A_r, B_r = A_r.clone(), B_r.clone()
         P_A = (B_r @ B.T) @ A  # [n, N] @ [N, D] -> rows r of (B B^T) A
         P_B = (A_r @ A.T) @ B  # rows r of (A A^T) B
         norms = torch.cat([(A_r * P_A).sum(0), (B_r * P_B).sum(0)])  # [2D], local rows

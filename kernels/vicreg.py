@@ -50,7 +50,7 @@ def _branch(z: torch.Tensor, r0: int, n: int, needs_grad: bool):
     """Centre the global batch z [N, D]; (X_r [n, D], v [D], ||G_r||^2 fp64, P_r [n, D] or None)."""
     x = z - z.mean(0)  # [N, D], two passes: no cancellation in v when |mean| >> std
     v = x.pow(2).sum(0)  # [D] = (N - 1) unbiased variance
-    x_r = x[r0 : r0 + n]
+    x_r = x[r0 : r0 + n] if n == x.shape[0] else x[r0 : r0 + n].clone()  # saved: a view would keep [N, D]
     g_r = x_r @ x.T  # [n, N]: rows r of G = X X^T, 2 n N D flops
     g_sq = g_r.pow(2).sum(dtype=torch.float64)  # fp32 squares, fp64 sum of N^2 / W terms
     p_r = g_r @ x if needs_grad else None  # [n, D]: rows r of G X, 2 n N D flops
