@@ -23,7 +23,8 @@ digits when l_j is small, as the forward's l_i = softplus(...) does). So each ra
 its own upstream g, the gradient convention of every loss here (DESIGN.md, "Gradient
 scale"); the row normalization before it is local and left to autograd.
 
-Per rank: 8 n N D flops (logits forward, one [2n, 2N] x [2N, D] matmul backward),
+Per rank: 16 n N D flops (8 n N D for the [2n, 2N] logits, as many for the one
+[2n, 2N] x [2N, D] matmul of backward),
 [2n, 2N] fp32 logits held for backward; sent: an all-gather of [n, 2D] and one of
 [2n, 2] fp32. u travels in fp32 whatever the input dtype: SimCLR's D is 128, so the
 gather is small next to the backbone's gradients, and every rank keeps exact rows.
