@@ -19,15 +19,16 @@ this rank's block of logits and the gathered lse:
     d loss / d u_j = (1 / (2N t)) sum_k (exp(L_jk - lse_j) + exp(L_jk - lse_k) - 2 [k = pos(j)]) u_k
 
 (self excluded; at k = pos(j), exp(L_jk - lse_j) - 1 = expm1(-l_j), which keeps its
-digits when l_j is small, as the forward's l_i = softplus(...) does). So each rank's backward is exactly g * d(global loss)/d(its rows) for
-its own upstream g, the gradient convention of every loss here (DESIGN.md, "Gradient
-scale"); the row normalization before it is local and left to autograd.
+digits when l_j is small, as the forward's l_i = softplus(...) does). So each rank's
+backward is exactly g * d(global loss)/d(its rows) for its own upstream g, the
+gradient convention of every loss here (DESIGN.md, "Gradient scale"); the row
+normalization before it is local and left to autograd.
 
-Per rank: 16 n N D flops (8 n N D for the [2n, 2N] logits, as many for the one
-[2n, 2N] x [2N, D] matmul of backward),
-[2n, 2N] fp32 logits held for backward; sent: an all-gather of [n, 2D] and one of
-[2n, 2] fp32. u travels in fp32 whatever the input dtype: SimCLR's D is 128, so the
-gather is small next to the backbone's gradients, and every rank keeps exact rows.
+Per rank: 16 n N D flops (8 n N D for the [2n, 2N] logits, as many for backward's
+[2n, 2N] x [2N, D] matmul), [2n, 2N] fp32 logits held for backward; sent: an
+all-gather of [n, 2D] and one of [2n, 2] fp32. u travels in fp32 whatever the input
+dtype: SimCLR's D is 128, so the gather is small next to the backbone's gradients,
+and every rank keeps exact rows.
 """
 
 from __future__ import annotations
