@@ -9,15 +9,16 @@ import yaml
 from bt_fast.cli import main
 from bt_fast.config import Config, ModelConfig, to_dict
 from bt_fast.eval.features import load_backbone
-from bt_fast.model import BarlowTwins
+from bt_fast.methods import build
 
 
-def write_checkpoint(path, model_cfg: ModelConfig):
+def write_checkpoint(path, model_cfg: ModelConfig, projector: str = "16-16"):
     """A checkpoint in the trainer's format with non-trivial BN statistics."""
     cfg = Config()
     cfg.model = model_cfg
+    cfg.method.barlow_twins.projector = projector
     torch.manual_seed(7)
-    model = BarlowTwins(model_cfg)
+    model = build(cfg)
     model.train()
     with torch.no_grad():  # move BN running stats and weights off their init values
         model([torch.randn(4, 3, 32, 32)])
@@ -34,7 +35,7 @@ def features(net, x):
 
 def test_standard_width_loads_into_torchvision(tmp_path, capsys):
     ckpt = tmp_path / "last.pt"
-    write_checkpoint(ckpt, ModelConfig(backbone="resnet18", projector="32-32"))
+    write_checkpoint(ckpt, ModelConfig(backbone="resnet18"), projector="32-32")
     assert main(["export", str(ckpt), "--out", str(tmp_path / "r18.pt")]) == 0
     assert "r18.pt.yaml" in capsys.readouterr().out
     state = torch.load(tmp_path / "r18.pt", weights_only=True)
@@ -50,7 +51,7 @@ def test_standard_width_loads_into_torchvision(tmp_path, capsys):
 
 def test_narrow_small_stem_rebuilds_from_the_notes(tmp_path):
     ckpt = tmp_path / "last.pt"
-    write_checkpoint(ckpt, ModelConfig(backbone="resnet18", width=8, small_stem=True, projector="16-16"))
+    write_checkpoint(ckpt, ModelConfig(backbone="resnet18", width=8, small_stem=True))
     out = tmp_path / "narrow.pt"
     assert main(["export", str(ckpt), "--out", str(out)]) == 0
     notes = yaml.safe_load((tmp_path / "narrow.pt.yaml").read_text())
@@ -66,7 +67,7 @@ def test_safetensors_format(tmp_path):
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "last.pt"
-    write_checkpoint(ckpt, ModelConfig(backbone="resnet18", width=8, small_stem=True, projector="16-16"))
+    write_checkpoint(ckpt, ModelConfig(backbone="resnet18", width=8, small_stem=True))
     assert main(["export", str(ckpt), "--out", str(tmp_path / "b.safetensors"), "--format", "safetensors"]) == 0
     state = load_file(str(tmp_path / "b.safetensors"))
     ref = load_backbone(ckpt).backbone.state_dict()
