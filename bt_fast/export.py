@@ -39,7 +39,7 @@ def rebuild_recipe(model_cfg, weights: str) -> str:
     if is_torchvision_layout(model_cfg):
         ctor = f"net = torchvision.models.{model_cfg.backbone}()\nnet.fc = torch.nn.Identity()"
     else:
-        ctor = ("from bt_fast.config import ModelConfig\nfrom bt_fast.model import build_backbone\n"
+        ctor = ("from bt_fast.config import ModelConfig\nfrom bt_fast.backbone import build_backbone\n"
                 f"net, _ = build_backbone(ModelConfig(backbone={model_cfg.backbone!r}, "
                 f"width={model_cfg.width}, small_stem={model_cfg.small_stem}))")
     return f"{ctor}\nweights = {weights!r}\nnet.load_state_dict({load})\n"

@@ -77,3 +77,16 @@ def test_resume_is_exact_on_a_gpu_when_deterministic(tiny_imagefolder, tmp_path)
     b = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_eval_batches_follow_the_backbone_device():
+    """Eval's uint8 batches cross to the backbone's device before normalising (a GPU host
+    evaluates on the GPU); the meta device stands in for CUDA here."""
+    from bt_fast.eval.features import Prep, module_device
+
+    prep = Prep(config.load(None), torch.device("meta"))
+    x = prep(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+    assert x.device.type == "meta" and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert module_device(torch.nn.Linear(2, 2, device="meta")).type == "meta"
+    assert module_device(torch.nn.ReLU()).type == "cpu"

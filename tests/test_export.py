@@ -79,3 +79,17 @@ def test_safetensors_format(tmp_path):
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+def test_checkpoint_with_nonfinite_buffers_is_refused(tmp_path, capsys):
+    """A poisoned BN running_var gives NaN features: eval and export refuse it, one line."""
+    ckpt = tmp_path / "last.pt"
+    write_checkpoint(ckpt, ModelConfig(backbone="resnet18", width=8, small_stem=True))
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["backbone.bn1.running_var"][0] = float("nan")
+    torch.save(state, ckpt)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bn1.running_var" in err and "NaN/inf" in err
+    assert main(["eval", "knn", "--checkpoint", str(ckpt)]) == 2
+    assert "NaN/inf" in capsys.readouterr().err

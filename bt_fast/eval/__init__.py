@@ -25,7 +25,7 @@ from pathlib import Path
 from bt_fast.data import read_file_list
 from bt_fast.errors import DataError
 from bt_fast.eval.features import (EvalError, ImageList, Prep, bf16_default, default_cache_dir,
-                                   eval_transform, extract, load_backbone, split_features,
+                                   eval_transform, extract, load_backbone, module_device, split_features,
                                    stderr_log)
 from bt_fast.eval.knn import knn_accuracy
 from bt_fast.eval.linear import linear_probe
@@ -52,7 +52,8 @@ def knn_eval(backbone, cfg, *, train_dir: str | None = None, val_dir: str | None
     try:
         for root in (train_dir, val_dir):
             dataset = ImageList(root, eval_transform(cfg))
-            feats += extract(backbone, dataset, Prep(cfg), workers=workers, bf16=bf16, log=log)
+            feats += extract(backbone, dataset, Prep(cfg, module_device(backbone)), workers=workers,
+                             bf16=bf16, log=log)
     finally:
         backbone.train(was_training)
     return knn_accuracy(*feats, ks=tuple(ks), temperature=temperature)

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from bt_fast.eval.features import EvalError, ImageList, Loaded, Prep, eval_transform, extract
+from bt_fast.eval.features import (EvalError, ImageList, Loaded, Prep, autocast_for, eval_transform, extract,
+                                   module_device)
 from bt_fast.eval.knn import topk_accuracy
 
 
@@ -112,16 +113,16 @@ def finetune(loaded: Loaded, train_root: str | Path, val_root: str | Path, *, pe
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch, shuffle=True, drop_last=len(train) > batch,
                         num_workers=workers, persistent_workers=workers > 0, generator=gen)
-    prep = Prep(cfg)
+    prep = Prep(cfg, module_device(model))
     total, step, t0 = epochs * len(loader), 0, time.perf_counter()
     for epoch in range(epochs):
         model.train()
         for x, y in loader:
             for group in opt.param_groups:  # cosine to 0 over all steps
                 group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / total))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with autocast_for(model, bf16):
                 logits = model(prep(x))
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y.to(logits.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
