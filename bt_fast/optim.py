@@ -8,7 +8,7 @@ Gradient scale: these peaks were tuned by the official code, where each GPU's ba
 gave 1/world_size of the global-loss gradient (raw all_reduce of c + DDP's mean).
 bt_fast.kernels.barlow_twins_loss gives each rank the exact local gradient of the
 global loss and DDP averages it, which reproduces that same convention, so the
-published learning rates carry over unchanged (see DESIGN.md, "Gradient scale").
+published learning rates carry over unchanged (README, "Gradient scale and world size").
 
 Speed: ResNet-50 + the 8192 projector has ~170 parameter tensors. A per-parameter loop
 costs about 14 small kernels each (~2.4k launches per step, a few ms of pure launch

@@ -4,7 +4,7 @@
     loss = barlow_twins_loss(z1, z2, lambd=0.0051, impl="auto")   # fp32 scalar
 
 Every loss is exact over the global batch of ``group`` and gives each rank exactly
-d loss / d z_local (DESIGN.md, "Gradient scale"): barlow_twins_loss, vicreg_loss
+d loss / d z_local (README, "Gradient scale and world size"): barlow_twins_loss, vicreg_loss
 (vicreg.py, Gram-form covariance), nt_xent_loss (ntxent.py, SimCLR) and byol_loss
 (byol.py). reference.py holds the oracles; dense.py the Triton kernels (imported
 lazily, through triton_env.py, the one interpreter switch); collectives.py every

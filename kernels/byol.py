@@ -9,7 +9,7 @@ batch of ``group``. Symmetric as in the paper and the official code (range 0..8)
 Each term depends on one sample only, so a rank sums its own rows, divides by the
 global N and one all-reduce of that scalar (``collectives.global_sum``, backward the
 identity) gives every rank the global value while its backward stays exactly
-d loss / d p_local (DESIGN.md, "Gradient scale"). Cost: O(n D), 4 bytes sent twice.
+d loss / d p_local (README, "Gradient scale and world size"). Cost: O(n D), 4 bytes sent twice.
 """
 
 from __future__ import annotations

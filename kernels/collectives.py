@@ -68,7 +68,7 @@ def all_gather_pair(a1: torch.Tensor, a2: torch.Tensor, group, gather_dtype) -> 
 # ---------------------------------------------------------------- autograd-aware
 # Three backward conventions, one per way a loss can depend on other ranks' rows.
 # Every loss in bt_fast.kernels gives each rank exactly d(global loss)/d(its own rows)
-# (DESIGN.md, "Gradient scale"); which class gives that depends on what each rank
+# (README, "Gradient scale and world size"); which class gives that depends on what each rank
 # computes from the collective's output.
 
 

@@ -21,7 +21,7 @@ this rank's block of logits and the gathered lse:
 (self excluded; at k = pos(j), exp(L_jk - lse_j) - 1 = expm1(-l_j), which keeps its
 digits when l_j is small, as the forward's l_i = softplus(...) does). So each rank's
 backward is exactly g * d(global loss)/d(its rows) for its own upstream g, the
-gradient convention of every loss here (DESIGN.md, "Gradient scale"); the row
+gradient convention of every loss here (README, "Gradient scale and world size"); the row
 normalization before it is local and left to autograd.
 
 Per rank: 16 n N D flops (8 n N D for the [2n, 2N] logits, as many for backward's

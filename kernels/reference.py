@@ -129,7 +129,7 @@ def vicreg_loss_reference(z1, z2, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1
     One difference from the official code (``vicreg_official_loss``): it takes
     repr_loss on each rank's rows and its gather layer SUMS gradients over ranks, so
     its gradient is W times d loss / d z_local; here repr_loss is over the global batch
-    and the gradient is exactly d loss / d z_local (DESIGN.md, "Gradient scale"). Its
+    and the gradient is exactly d loss / d z_local (README, "Gradient scale and world size"). Its
     value on a rank carries that rank's repr_loss; their mean over ranks is this value. Returns (loss, repr_loss, std_loss,
     cov_loss) with ``return_terms``; fp32 (fp64 for fp64 inputs).
     """

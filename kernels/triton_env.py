@@ -1,8 +1,8 @@
 """The one switch between compiled Triton and its CPU interpreter; import triton from here.
 
 Without a GPU there is no Triton driver ("0 active drivers"), so the kernels run in
-Triton's interpreter on CPU tensors: slowly, as a correctness twin (DESIGN.md, "Every
-GPU path has a CPU twin"). Triton reads TRITON_INTERPRET when it is first imported, so
+Triton's interpreter on CPU tensors: slowly, as a correctness twin of the compiled
+kernels. Triton reads TRITON_INTERPRET when it is first imported, so
 the variable is set here, before the import, and only when torch sees no CUDA device
 (asking torch does not import triton). A value the user set wins (setdefault).
 

@@ -124,7 +124,7 @@ def vicreg_loss(z1, z2, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e
     """VICReg loss of embeddings z1, z2 [n_local, D] over the global batch of ``group``.
 
     The official main_vicreg.py semantics (see reference.vicreg_loss_reference); each
-    rank's backward gives exactly d loss / d z_local (DESIGN.md, "Gradient scale"; the
+    rank's backward gives exactly d loss / d z_local (README, "Gradient scale and world size"; the
     official code's gradient is W times larger, see the reference). impl: "reference"
     (forms the [D, D] covariances), "gram" (this module) or "auto"
     (cost.choose_vicreg_impl). Local batch sizes must be equal on all ranks. With

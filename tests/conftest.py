@@ -1,7 +1,8 @@
 """Shared test kit: CPU twins of every GPU path, and the fixtures most tests need.
 
-Triton kernels run under the interpreter when no GPU is present; the variable must be
-set before triton is first imported, hence at import time here and not in a fixture.
+Triton kernels run under the interpreter when no GPU is present: the one switch
+(bt_fast.kernels.triton_env) must act before anything imports triton, hence imported
+here at collection time and not in a fixture.
 
 Markers: ``gpu`` (skipped without CUDA) and ``slow`` (trains, spawns processes or runs
 the Triton interpreter). ``make test-fast`` runs ``-m "not slow"``; ``make test`` runs all.
@@ -11,11 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
 
 import pytest  # noqa: E402
+
+import bt_fast.kernels.triton_env  # noqa: E402,F401  (sets TRITON_INTERPRET=1 without CUDA)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

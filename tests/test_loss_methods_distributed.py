@@ -3,7 +3,7 @@ process on the concatenated batch.
 
 Each rank back-propagates its OWN upstream gradient (1.7 + rank) and must get exactly
 that times the rows of the single-process gradient that belong to it: the gradient
-convention of DESIGN.md "Gradient scale", and a stronger check than one shared
+convention of README "Gradient scale and world size", and a stronger check than one shared
 upstream (a gather whose backward sums over ranks would mix the ranks' upstreams, and
 one that forgot other ranks' anchors would miss rows' contributions).
 """

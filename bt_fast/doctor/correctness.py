@@ -179,7 +179,7 @@ def reload_with(cfg, edit):
 
 def distributed_loss(host: Host, quick: bool, backend: str | None = None) -> Check:
     """2 ranks (NCCL on 2 GPUs) vs one process on the global batch: the loss, and each
-    rank's gradient rows (DESIGN.md, "Gradient scale"). ``backend="gloo"`` is the CPU twin."""
+    rank's gradient rows (README, "Gradient scale and world size"). ``backend="gloo"`` is the CPU twin."""
     from bt_fast.procs import run_workers
 
     if backend is None:

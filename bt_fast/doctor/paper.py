@@ -32,7 +32,7 @@ A100_HW_JPEG_IMG_S = (5000, 7000)
 """A100 hardware JPEG decoder on ImageNet-sized JPEGs (NVIDIA developer blog "Loading Data
 Fast with DALI and the New Hardware JPEG Decoder in NVIDIA A100 GPUs"; range from issue 14)."""
 CPU_MS_DECODE_2CROPS = 3.6
-"""CPU-ms per image for DALI decode + two random-resized 224-px crops (FACTS.md, measured on
+"""CPU-ms per image for DALI decode + two random-resized 224-px crops (bench pipeline, measured on
 this project's CPU machines: 3.4-3.8 ms)."""
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets. Matched
@@ -122,7 +122,7 @@ def rows() -> list[tuple[str, str, str]]:
         ("JPEG decodes needed per H100 (decode once, crop twice)", f"{img:,.0f} /s "
          f"(within one A100-class hardware decoder)", "arithmetic"),
         ("CPU threads per H100 if decoding on the CPU", f"~{img * CPU_MS_DECODE_2CROPS / 1e3:.0f} "
-         f"(decode + 2 crops alone, {CPU_MS_DECODE_2CROPS} CPU-ms/img)", "FACTS.md, measured on CPU"),
+         f"(decode + 2 crops alone, {CPU_MS_DECODE_2CROPS} CPU-ms/img)", "bench pipeline, measured on CPU"),
         ("1000 ImageNet epochs, 8 / 32 H100 (linear scaling)",
          f"{epochs_hours(8):.1f} h / {epochs_hours(32):.1f} h", "arithmetic"),
         ("DDP all-reduce of fp32 grads (174.5 M params), 8 GPUs NVLink 450 GB/s / "
