@@ -127,10 +127,12 @@ def _state(run) -> dict:
     return {k: v.clone() for k, v in run.model.state_dict().items()}
 
 
-def test_nan_batch_changes_no_parameter_and_no_buffer(dataset, tmp_path):
-    """A skipped step leaves BN running stats and num_batches_tracked as they were."""
+@pytest.mark.parametrize("method", ["barlow_twins", "byol"])
+def test_nan_batch_changes_no_parameter_and_no_buffer(dataset, tmp_path, method):
+    """A skipped step leaves BN running stats, num_batches_tracked and BYOL's target as
+    they were; the next good step moves them."""
     cfg = config.load(CONFIGS / "smoke.yaml", [f"data.train_dir={dataset / 'train'}",
-                                             f"train.run_dir={tmp_path}"])
+                                             f"train.run_dir={tmp_path}", f"method.name={method}"])
     run = train.setup(cfg)
     views, _ = next(iter(run.loader))
     for g, lr in zip(run.optimizer.param_groups, (0.2, 0.0048)):
@@ -148,6 +150,8 @@ def test_nan_batch_changes_no_parameter_and_no_buffer(dataset, tmp_path):
     assert int(out["nonfinite"]) == 0
     moved = [k for k, v in run.model.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.endswith("running_mean") for k in moved) and any(k.endswith("num_batches_tracked") for k in moved)
+    if method == "byol":
+        assert any(k.startswith("target.") and k.endswith(".weight") for k in moved)
     assert all(torch.isfinite(v.float()).all() for v in run.model.state_dict().values())
 
 
