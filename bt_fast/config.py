@@ -56,6 +56,26 @@ class ModelConfig:
     """3x3 stride-1 stem without max-pool, for 28-64 px images."""
     sync_bn: bool = True
     """Convert BatchNorm to SyncBatchNorm when distributed."""
+    readout: str = "layer4:1"
+    """Features evaluation reads: stage:grid items, e.g. layer4:2 = last stage pooled 2x2."""
+
+    def __post_init__(self):
+        parse_readout(self.readout)
+
+
+def parse_readout(spec: str) -> list[tuple[int, int]]:
+    """'layer3:4,layer4:2' -> [(3, 4), (4, 2)]: ResNet stage (1-4), average-pool grid side.
+
+    ValueError naming the key otherwise. Used by bt_fast.eval.readout, which reads them.
+    """
+    items = []
+    for item in str(spec).split(","):
+        stage, _, grid = item.strip().partition(":")
+        if not (stage in ("layer1", "layer2", "layer3", "layer4") and grid.isdigit() and int(grid) > 0):
+            raise ValueError(f"readout={spec!r}: expected items like layer4:1 or layer3:4,layer4:2 "
+                             "(stage layer1-layer4, grid side >= 1)")
+        items.append((int(stage[-1]), int(grid)))
+    return items
 
 
 def _check_method_name(self) -> None:
@@ -162,6 +182,8 @@ def resolved_views(cfg: Config) -> List[ViewSpec]:
 
 def validate(cfg: Config) -> None:
     """Values the types allow but the trainer cannot use; ConfigError naming the key."""
+    if cfg.method.name not in METHODS:  # set in code after construction
+        raise ConfigError(f"method.name={cfg.method.name!r}: choose one of {', '.join(METHODS)}")
     method = METHODS[cfg.method.name]
     if len(expand(cfg.views)) != method.n_views:
         raise ConfigError(f"views: {method.__name__} needs exactly {method.n_views} views, "

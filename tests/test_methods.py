@@ -102,6 +102,10 @@ def test_views_count_is_checked_per_method():
     cfg = config.load(None, ["method.name=vicreg", "views.1.count=2"])
     with pytest.raises(ConfigError, match="VICReg needs exactly 2 views, got 3"):
         config.validate(cfg)
+    cfg = config.load(None)
+    cfg.method.name = "swav"
+    with pytest.raises(ConfigError, match="method.name='swav'"):
+        config.validate(cfg)
 
 
 def test_pre_method_keys_in_a_file_say_where_they_went(tmp_path):
