@@ -6,7 +6,7 @@
     loss, terms = model.loss(outputs, group)
 
 Adding a method is one file here with a ``Method`` subclass and its ``Config``
-dataclass, plus one line in ``METHODS`` (README: "Add a method").
+dataclass, plus one line in ``METHODS`` (README: "Add a method in one file").
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ class Method(nn.Module):
         self.backbone, self.feature_dim = build_backbone(model_cfg)
 
     def loss(self, outputs, group=None) -> tuple[torch.Tensor, dict]:
+        """(fp32 loss over the global batch of ``group``, {term: fp32 scalar}); abstract."""
         raise NotImplementedError
 
     def after_step(self, step: int, total_steps: int, applied: torch.Tensor) -> None:
