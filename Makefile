@@ -74,9 +74,10 @@ else ifeq ($(LAUNCHER),torchrun)
 else
 	@if grep -q "$(FMNIST_DIR)" $(CONFIG); then $(BT) data fashion-mnist --out $(FMNIST_DIR); fi
 	$(if $(filter 1,$(GPUS)),$(BT) train --config $(CONFIG),$(TORCHRUN_ENV) scripts/train.sh) $(foreach s,$(SET),--set $(s))
-	@echo "== kNN accuracy of the frozen backbone on the val split"
+	@echo "== kNN accuracy on the val split: pretrained backbone, same backbone at random init, raw pixels"
 	$(BT) eval knn --checkpoint $(CHECKPOINT)
 	$(BT) eval knn --checkpoint $(CHECKPOINT) --random-init
+	$(BT) eval knn --checkpoint $(CHECKPOINT) --pixels
 endif
 
 docker-build:
