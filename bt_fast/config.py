@@ -126,6 +126,8 @@ class TrainConfig:
     """Run the backbone in channels-last memory format."""
     compile: bool = False
     """torch.compile the step's model (the DDP wrapper when distributed)."""
+    threads: int = 0
+    """torch CPU threads per rank; 0 = auto (a CPU run: the cores its DALI workers leave, >= 1)."""
     deterministic: bool = False
     """GPU: deterministic cuDNN/torch kernels instead of autotuned ones (slower)."""
     seed: int = 0
