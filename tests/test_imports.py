@@ -114,6 +114,7 @@ def test_kernels_and_pipelines_import_nothing_above_them(graph, floor):
     assert not {m: d for m, d in bad.items() if d}
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_light_modules_do_not_load_dali():
     """config, eval, export and the model must work where DALI is not installed."""
     code = ("import sys, bt_fast.config, bt_fast.eval, bt_fast.checkpoint, bt_fast.errors, "
