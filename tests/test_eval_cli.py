@@ -8,15 +8,13 @@ import torch
 
 from bt_fast.cli import main
 from bt_fast.config import Config, ModelConfig, to_dict
-from bt_fast.data import make_synthetic
 from bt_fast.eval.features import load_backbone
 from bt_fast.methods import build
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("eval")
-    data = make_synthetic(tmp / "data", classes=4, train_per_class=16, val_per_class=4, size=(48, 40))
+def run(tmp_path_factory, tiny_imagefolder):
+    tmp, data = tmp_path_factory.mktemp("eval"), tiny_imagefolder
     cfg = Config()
     cfg.data.train_dir, cfg.data.val_dir = str(data / "train"), str(data / "val")
     cfg.data.image_size = 32

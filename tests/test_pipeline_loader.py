@@ -15,10 +15,8 @@ from bt_fast.pipelines.filelist import SourceError
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    make_synthetic(root, classes=4, train_per_class=16, val_per_class=4, size=(48, 40), seed=0)
-    return root  # root/train: 64 images, root/val: 16 images
+def data(tiny_imagefolder):
+    return tiny_imagefolder  # root/train: 64 images, root/val: 16 images (conftest)
 
 
 @pytest.fixture(scope="module")
