@@ -46,3 +46,29 @@ def test_grid_readout_against_hooked_stage_outputs():
 def test_bad_readout_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="readout"):
         config.load(None, [f"model.readout={bad}"])
+
+
+def test_cli_reads_the_config_readout_and_readout_flag_overrides_it(tmp_path, tiny_imagefolder, capsys):
+    import json
+
+    from bt_fast.cli import main
+    from bt_fast.config import Config, ModelConfig, to_dict
+    from bt_fast.methods import build
+
+    cfg = Config()
+    cfg.data.train_dir, cfg.data.val_dir = str(tiny_imagefolder / "train"), str(tiny_imagefolder / "val")
+    cfg.data.image_size = 32
+    cfg.model = ModelConfig(backbone="resnet18", width=8, small_stem=True, readout="layer4:2")
+    cfg.method.barlow_twins.projector = "64-64"
+    ckpt = tmp_path / "last.pt"
+    torch.save({"model": build(cfg).state_dict(), "step": 1, "config": to_dict(cfg)}, ckpt)
+
+    def dim(*extra):
+        assert main(["eval", "knn", "--checkpoint", str(ckpt), "--workers", "0", "--json", "--quiet",
+                     "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
+        return json.loads(capsys.readouterr().out)["feature_dim"]
+
+    assert dim() == 64 * 4  # the checkpoint config's layer4:2
+    assert dim("--readout", "layer4:1") == 64  # same cache dir: another readout, other features
+    assert dim("--readout", "layer2:4,layer4:1") == 16 * 16 + 64
+    assert main(["eval", "knn", "--checkpoint", str(ckpt), "--readout", "layer9:1"]) == 2

@@ -30,6 +30,7 @@ from bt_fast.eval.features import (EvalError, ImageList, Prep, bf16_default, def
 from bt_fast.eval.knn import knn_accuracy
 from bt_fast.eval.linear import linear_probe
 from bt_fast.eval.pixels import load_pixels
+from bt_fast.eval.readout import apply_readout
 from bt_fast.eval.semi import balanced_subset, finetune
 
 __all__ = ["add_arguments", "run", "knn_eval", "knn_accuracy", "linear_probe", "balanced_subset",
@@ -76,6 +77,8 @@ def _common(p) -> None:
     p.add_argument("--cache-dir", help="feature cache folder (default RUN_DIR/eval-cache)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--readout", help="features the probe reads, e.g. layer4:1 (global pool of the "
+                                     "last stage) or layer2:7; default: the config's model.readout")
 
 
 def add_arguments(parser) -> None:
@@ -123,7 +126,8 @@ def _load(args):
         raise EvalError("--config only goes with --pixels; a backbone's config is in its checkpoint")
     if not args.checkpoint:
         raise EvalError(f"eval {args.protocol}: --checkpoint is required")
-    return load_backbone(args.checkpoint, random_init=args.random_init, seed=args.seed)
+    loaded = load_backbone(args.checkpoint, random_init=args.random_init, seed=args.seed)
+    return apply_readout(loaded, args.readout)  # what the probes read: model.readout or --readout
 
 
 def _dirs(args, loaded) -> tuple[str, str]:

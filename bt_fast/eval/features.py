@@ -33,7 +33,6 @@ from bt_fast import checkpoint
 from bt_fast.config import Config, from_dict
 from bt_fast.data import read_file_list
 from bt_fast.errors import DataError, EvalError
-from bt_fast.eval.readout import with_readout
 from bt_fast.model import build_backbone
 
 CACHE_VERSION = 1
@@ -105,7 +104,6 @@ def load_backbone(checkpoint_path: str | Path, *, random_init: bool = False, see
         st = path.stat()
         fingerprint = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     step = ckpt.get("step")
-    backbone, dim = with_readout(backbone, dim, cfg.model.readout)  # what the probes read
     backbone.to(device or eval_device())
     return Loaded(backbone, dim, cfg, str(path), int(step) if step is not None else None,
                   random_init, seed, fingerprint)

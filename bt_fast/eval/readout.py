@@ -11,6 +11,8 @@ On small, centred images such as Fashion-MNIST that layout carries much of the c
 4x the feature size (measured in docs/fmnist.md). Pretraining is unchanged: the
 projector still reads the globally pooled features; only evaluation reads the grid.
 The random-init baseline uses the same readout, so its row stays comparable.
+``bt-fast eval ... --readout SPEC`` overrides the config's choice; ``bt-fast export``
+always writes the plain backbone (the readout is applied by the eval command only).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bt_fast.config import parse_readout
+from bt_fast.errors import EvalError
 
 
 def stage_channels(net: nn.Module, stage: int) -> int:
@@ -58,3 +61,17 @@ def with_readout(backbone: nn.Module, dim: int, spec: str) -> tuple[nn.Module, i
         return backbone, dim
     readout = Readout(backbone, spec)
     return readout, readout.dim
+
+
+def apply_readout(loaded, spec: str | None = None):
+    """``loaded`` (a features.Loaded) with its backbone read per ``spec``, else per its
+    config's ``model.readout``. The config is updated too, so the feature cache (keyed by
+    the model config) never serves one readout's features for another."""
+    spec = spec or loaded.cfg.model.readout
+    try:
+        parse_readout(spec)
+    except ValueError as e:
+        raise EvalError(f"--readout: {e}") from None
+    loaded.cfg.model.readout = spec
+    loaded.backbone, loaded.feature_dim = with_readout(loaded.backbone, loaded.feature_dim, spec)
+    return loaded
