@@ -53,11 +53,6 @@ class BarlowTwins(Method):
         self.projector = build_mlp(self.feature_dim, widths)
         self.embed_dim = widths[-1]
 
-    def forward(self, views):
-        # One backbone pass per view: same-size views could be concatenated, but
-        # separate passes keep BatchNorm statistics per view as in the official code.
-        return [self.projector(self.backbone(v)) for v in views]
-
     def loss(self, outputs, group=None):
         z1, z2 = outputs  # [B_local, D], still in the autocast dtype: the loss accumulates
         # in fp32 itself, and bf16 z halves what the gram path all-gathers across ranks.

@@ -42,6 +42,14 @@ class Method(nn.Module):
         super().__init__()
         self.backbone, self.feature_dim = build_backbone(model_cfg)
 
+    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The default: ``[projector(backbone(v)) for v in views]``, each [B, D].
+
+        One backbone pass per view: same-size views could be concatenated, but separate
+        passes keep BatchNorm statistics per view, as the official codes do.
+        """
+        return [self.projector(self.backbone(v)) for v in views]
+
     def loss(self, outputs, group=None) -> tuple[torch.Tensor, dict]:
         """(fp32 loss over the global batch of ``group``, {term: fp32 scalar}); abstract."""
         raise NotImplementedError

@@ -45,9 +45,6 @@ class SimCLR(Method):
         widths = parse_widths(cfg.projector, "method.simclr.projector")
         self.projector = build_mlp(self.feature_dim, widths, last_bn=True)
 
-    def forward(self, views):
-        return [self.projector(self.backbone(v)) for v in views]
-
     def loss(self, outputs, group=None):
         z1, z2 = outputs  # [B_local, D]; the loss normalises rows and accumulates in fp32
         return nt_xent_loss(z1, z2, temperature=self.cfg.temperature, group=group), {}

@@ -57,9 +57,6 @@ class VICReg(Method):
         widths = parse_widths(cfg.projector, "method.vicreg.projector")
         self.projector = build_mlp(self.feature_dim, widths, hidden_bias=True)
 
-    def forward(self, views):
-        return [self.projector(self.backbone(v)) for v in views]
-
     def loss(self, outputs, group=None):
         z1, z2 = outputs  # [B_local, D] in the autocast dtype; the loss accumulates in fp32
         c = self.cfg
