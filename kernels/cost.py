@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bt_fast.kernels.collectives import world_size
 from bt_fast.kernels.tiles import DENSE_BLOCK_D
 
 # Per-device rates. Round numbers: they order the candidates, they do not predict.
@@ -161,3 +162,14 @@ def choose_vicreg_impl(n_global: int, d: int, world_size: int = 1, dtype=torch.f
     """(impl, costs) for ``vicreg_loss(impl="auto")``: the least modelled time."""
     costs = vicreg_costs(n_global, d, world_size, dtype, device)
     return min(("gram", "reference"), key=lambda impl: costs[impl].seconds), costs
+
+
+def resolve(impl: str, impls: tuple, choose, z: torch.Tensor, group=None, *, loss: str = "loss") -> str:
+    """The concrete implementation ``impl`` stands for: itself, or for "auto" the one
+    ``choose(n_global, d, world, dtype, device_type)`` picks for z [n_local, D] on ``group``."""
+    if impl not in impls:
+        raise ValueError(f"{loss} impl must be one of {', '.join(impls)}; got {impl!r}")
+    if impl != "auto":
+        return impl
+    w = world_size(group)
+    return choose(z.shape[0] * w, z.shape[1], w, z.dtype, z.device.type)[0]

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from bt_fast.kernels import collectives
-from bt_fast.kernels.cost import choose_impl
+from bt_fast.kernels.cost import choose_impl, resolve
 from bt_fast.kernels.gram import gram_terms
 from bt_fast.kernels.normalize import normalize_pair
 from bt_fast.kernels.reference import barlow_twins_loss_reference
@@ -29,12 +28,7 @@ IMPLS = ("auto", "reference", "dense", "gram")
 
 def resolve_impl(impl: str, z: torch.Tensor, group=None) -> str:
     """The concrete implementation ``impl`` stands for with these inputs."""
-    if impl not in IMPLS:
-        raise ValueError(f"loss impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-    if impl != "auto":
-        return impl
-    w = collectives.world_size(group)
-    return choose_impl(z.shape[0] * w, z.shape[1], w, z.dtype, z.device.type)[0]
+    return resolve(impl, IMPLS, choose_impl, z, group)
 
 
 def barlow_twins_loss(z1, z2, *, lambd=0.0051, eps=1e-5, group=None, impl="auto", return_terms=False):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from bt_fast.kernels import collectives
-from bt_fast.kernels.cost import choose_vicreg_impl
+from bt_fast.kernels.cost import choose_vicreg_impl, resolve
 from bt_fast.kernels.reference import vicreg_loss_reference
 
 VICREG_IMPLS = ("auto", "reference", "gram")
@@ -111,12 +111,7 @@ class VICRegGram(torch.autograd.Function):
 
 def resolve_vicreg_impl(impl: str, z: torch.Tensor, group=None) -> str:
     """The concrete implementation ``impl`` stands for with these inputs."""
-    if impl not in VICREG_IMPLS:
-        raise ValueError(f"vicreg impl must be one of {', '.join(VICREG_IMPLS)}; got {impl!r}")
-    if impl != "auto":
-        return impl
-    w = collectives.world_size(group)
-    return choose_vicreg_impl(z.shape[0] * w, z.shape[1], w, z.dtype, z.device.type)[0]
+    return resolve(impl, VICREG_IMPLS, choose_vicreg_impl, z, group, loss="vicreg")
 
 
 def vicreg_loss(z1, z2, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, group=None, impl="auto",
