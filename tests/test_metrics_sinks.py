@@ -176,10 +176,8 @@ def test_exporter_refuses_a_port_in_use():
     assert f"127.0.0.1:{port}" in msg and "metrics.port" in msg
 
 
-def test_open_sinks_serves_on_port_plus_local_rank(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
+def test_open_sinks_serves_on_port_plus_local_rank(tmp_path, free_port):
+    base = free_port
     cfg = Config()
     cfg.metrics.prometheus, cfg.metrics.port = True, base - 1
     try:
@@ -215,10 +213,8 @@ def test_prometheus_shows_the_methods_terms_and_only_those():
     assert after[("bt_train_loss", (("rank", "0"),))] == 12.5
 
 
-def test_open_sinks_takes_the_terms_from_the_method(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_open_sinks_takes_the_terms_from_the_method(tmp_path, free_port):
+    port = free_port
     cfg = Config()
     cfg.method.name = "vicreg"
     cfg.metrics.prometheus, cfg.metrics.port = True, port
