@@ -6,6 +6,7 @@ own parser of what the exporter serves over HTTP.
 
 import io
 import json
+import contextlib
 import socket
 import time
 import urllib.request
@@ -176,19 +177,26 @@ def test_exporter_refuses_a_port_in_use():
     assert f"127.0.0.1:{port}" in msg and "metrics.port" in msg
 
 
-def test_open_sinks_serves_on_port_plus_local_rank(tmp_path, free_port):
-    base = free_port
-    cfg = Config()
-    cfg.metrics.prometheus, cfg.metrics.port = True, base - 1
+@contextlib.contextmanager
+def prometheus_sink(cfg, tmp_path, *, rank: int, local_rank: int, world_size: int):
+    """open_sinks' one Prometheus sink (skips if another process took the port first)."""
     try:
-        logger = metrics.open_sinks(cfg, tmp_path, rank=3, local_rank=1, world_size=4, total_steps=1)
+        logger = metrics.open_sinks(cfg, tmp_path, rank=rank, local_rank=local_rank,
+                                    world_size=world_size, total_steps=1)
     except metrics.MetricsPortError:
         pytest.skip("raced for a free port")
     try:
         (prom,) = logger.sinks
-        assert prom.address == ("127.0.0.1", base)
+        yield prom
     finally:
         logger.close()
+
+
+def test_open_sinks_serves_on_port_plus_local_rank(tmp_path, free_port):
+    cfg = Config()
+    cfg.metrics.prometheus, cfg.metrics.port = True, free_port - 1
+    with prometheus_sink(cfg, tmp_path, rank=3, local_rank=1, world_size=4) as prom:
+        assert prom.address == ("127.0.0.1", free_port)
 
 
 def _samples(sink) -> dict:
@@ -214,16 +222,8 @@ def test_prometheus_shows_the_methods_terms_and_only_those():
 
 
 def test_open_sinks_takes_the_terms_from_the_method(tmp_path, free_port):
-    port = free_port
     cfg = Config()
     cfg.method.name = "vicreg"
-    cfg.metrics.prometheus, cfg.metrics.port = True, port
-    try:
-        logger = metrics.open_sinks(cfg, tmp_path, rank=1, local_rank=0, world_size=2, total_steps=1)
-    except metrics.MetricsPortError:
-        pytest.skip("raced for a free port")
-    try:
-        (prom,) = logger.sinks
+    cfg.metrics.prometheus, cfg.metrics.port = True, free_port
+    with prometheus_sink(cfg, tmp_path, rank=1, local_rank=0, world_size=2) as prom:
         assert prom.terms == ("invariance", "variance", "covariance")
-    finally:
-        logger.close()
