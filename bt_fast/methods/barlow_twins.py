@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bt_fast.backbone import build_mlp, parse_widths
+from bt_fast.backbone import parse_widths
 from bt_fast.kernels import barlow_twins_loss, official_loss
 from bt_fast.kernels.loss import IMPLS
 from bt_fast.methods.base import Method
@@ -47,11 +47,9 @@ class BarlowTwins(Method):
     terms = {"on_diag": "on-diagonal  Σ(1−c_ii)²", "off_diag": "off-diagonal  Σ c_ij² (unweighted)"}
 
     def __init__(self, model_cfg, cfg: BarlowTwinsConfig):
-        super().__init__(model_cfg)
-        self.cfg = cfg
-        widths = parse_widths(cfg.projector, "method.barlow_twins.projector")
-        self.projector = build_mlp(self.feature_dim, widths)
-        self.embed_dim = widths[-1]
+        super().__init__(model_cfg, cfg)
+        self.projector = self.mlp(cfg.projector)
+        self.embed_dim = parse_widths(cfg.projector, "projector")[-1]
 
     def loss(self, outputs, group=None):
         z1, z2 = outputs  # [B_local, D], still in the autocast dtype: the loss accumulates

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bt_fast.backbone import build_backbone
+from bt_fast.backbone import build_backbone, build_mlp, parse_widths
 
 
 class Method(nn.Module):
@@ -38,9 +38,15 @@ class Method(nn.Module):
     crosscorr: bool = False
     """``bt-fast report`` draws the two views' cross-correlation heatmap (what the loss is about)."""
 
-    def __init__(self, model_cfg):
+    def __init__(self, model_cfg, cfg=None):
         super().__init__()
+        self.cfg = cfg  # the method's Config (its ``method.<name>`` section)
         self.backbone, self.feature_dim = build_backbone(model_cfg)
+
+    def mlp(self, widths: str, in_dim: int | None = None, **kwargs) -> nn.Sequential:
+        """A head of dash-separated ``widths`` (the Config validated them) on ``in_dim``
+        inputs, the backbone's features by default; ``kwargs`` as backbone.build_mlp."""
+        return build_mlp(self.feature_dim if in_dim is None else in_dim, parse_widths(widths, "widths"), **kwargs)
 
     def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """The default: ``[projector(backbone(v)) for v in views]``, each [B, D].

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bt_fast.backbone import build_mlp, parse_widths
+from bt_fast.backbone import parse_widths
 from bt_fast.kernels import byol_loss, byol_loss_reference
 from bt_fast.methods.base import Method
 
@@ -58,12 +58,10 @@ class BYOL(Method):
     views_preset = "byol"
 
     def __init__(self, model_cfg, cfg: BYOLConfig):
-        super().__init__(model_cfg)
-        self.cfg = cfg
-        proj = parse_widths(cfg.projector, "method.byol.projector")
-        self.projector = build_mlp(self.feature_dim, proj, hidden_bias=True)
-        self.predictor = build_mlp(proj[-1], parse_widths(cfg.predictor, "method.byol.predictor"),
-                                   hidden_bias=True)
+        super().__init__(model_cfg, cfg)
+        self.projector = self.mlp(cfg.projector, hidden_bias=True)
+        embed_dim = parse_widths(cfg.projector, "projector")[-1]
+        self.predictor = self.mlp(cfg.predictor, in_dim=embed_dim, hidden_bias=True)
         self.target = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone),
                                      "projector": copy.deepcopy(self.projector)})
         self.target.requires_grad_(False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bt_fast.backbone import build_mlp, parse_widths
+from bt_fast.backbone import parse_widths
 from bt_fast.kernels import nt_xent_loss, nt_xent_loss_reference
 from bt_fast.methods.base import Method
 
@@ -40,10 +40,8 @@ class SimCLR(Method):
     views_preset = "simclr"
 
     def __init__(self, model_cfg, cfg: SimCLRConfig):
-        super().__init__(model_cfg)
-        self.cfg = cfg
-        widths = parse_widths(cfg.projector, "method.simclr.projector")
-        self.projector = build_mlp(self.feature_dim, widths, last_bn=True)
+        super().__init__(model_cfg, cfg)
+        self.projector = self.mlp(cfg.projector, last_bn=True)
 
     def loss(self, outputs, group=None):
         z1, z2 = outputs  # [B_local, D]; the loss normalises rows and accumulates in fp32

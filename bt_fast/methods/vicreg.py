@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bt_fast.backbone import build_mlp, parse_widths
+from bt_fast.backbone import parse_widths
 from bt_fast.kernels import VICREG_IMPLS, vicreg_loss
 from bt_fast.methods.base import Method
 
@@ -52,10 +52,8 @@ class VICReg(Method):
              "covariance": "covariance  Σ_{i≠j} Cov_ij² / D (unweighted)"}
 
     def __init__(self, model_cfg, cfg: VICRegConfig):
-        super().__init__(model_cfg)
-        self.cfg = cfg
-        widths = parse_widths(cfg.projector, "method.vicreg.projector")
-        self.projector = build_mlp(self.feature_dim, widths, hidden_bias=True)
+        super().__init__(model_cfg, cfg)
+        self.projector = self.mlp(cfg.projector, hidden_bias=True)
 
     def loss(self, outputs, group=None):
         z1, z2 = outputs  # [B_local, D] in the autocast dtype; the loss accumulates in fp32
