@@ -78,15 +78,19 @@ def _ring_all_gather(piece_bytes: float, w: int) -> float:
     return (w - 1) * piece_bytes
 
 
+def _sizes(n_global: int, d: int, world_size: int, dtype, device: str):
+    """(N, D, W, n_local, dtype, bytes per element, RATES row) of one cost question."""
+    N, D, W = float(n_global), float(d), int(world_size)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    return N, D, W, N / W, dtype, torch.empty((), dtype=dtype).element_size(), RATES[kind]
+
+
 def loss_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, device: str = "cpu") -> dict:
     """Modelled per-rank cost of each implementation, as {impl: ImplCost}."""
-    N, D, W = float(n_global), float(d), int(world_size)
-    n = N / W
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    s = torch.empty((), dtype=dtype).element_size()
+    N, D, W, n, dtype, s, rates = _sizes(n_global, d, world_size, dtype, device)
     half = dtype in (torch.float16, torch.bfloat16)
-    kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    f32_rate, half_rate, mem_rate, link_rate = RATES[kind]
+    f32_rate, half_rate, mem_rate, link_rate = rates
     flop_rate = half_rate if half else f32_rate
     norm_sent = _ring_all_reduce(4 * 8 * D, W)
     gather_sent = _ring_all_gather(2 * n * D * s, W)
@@ -137,12 +141,8 @@ def choose_impl(n_global: int, d: int, world_size: int = 1, dtype=torch.float32,
 
 def vicreg_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, device: str = "cpu") -> dict:
     """Modelled per-rank cost of each VICReg implementation, as {impl: ImplCost}."""
-    N, D, W = float(n_global), float(d), int(world_size)
-    n = N / W
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    s = torch.empty((), dtype=dtype).element_size()
-    kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    flop_rate, _, mem_rate, link_rate = RATES[kind]  # both compute in fp32 whatever the input dtype
+    N, D, W, n, dtype, s, rates = _sizes(n_global, d, world_size, dtype, device)
+    flop_rate, _, mem_rate, link_rate = rates  # both compute in fp32 whatever the input dtype
     gather_sent = _ring_all_gather(2 * n * D * s, W)
     rows = {
         "gram": (8 * n * N * D + 12 * N * D, 4 * (4 * N * D + 2 * n * N + 4 * n * D), 4 * 4 * (3 * N * D + n * N),

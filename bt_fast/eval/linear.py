@@ -63,16 +63,27 @@ def train_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, *, num_c
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
-            for group in opt.param_groups:  # cosine to 0 over all steps
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(head(train_feats[idx]), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            set_cosine_lr(opt, step, total, lr)
+            loss = sgd_step(opt, F.cross_entropy(head(train_feats[idx]), y_all[idx]))
             step += 1
         if log and (epoch + 1) % max(1, epochs // 5) == 0:
             log(f"  linear epoch {epoch + 1}/{epochs} loss {loss.item():.4f}")  # sync: 5x per run
     return head
+
+
+def set_cosine_lr(opt: torch.optim.Optimizer, step: int, total: int, lr: float | None = None) -> None:
+    """Cosine from the peak to 0 over ``total`` steps: ``lr``, or each group's "base"."""
+    for group in opt.param_groups:
+        peak = lr if lr is not None else group["base"]
+        group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """zero_grad, backward, step; returns the loss (logging reads it, 5x per run)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from torchvision import transforms
 from bt_fast.eval.features import (EvalError, ImageList, Loaded, Prep, autocast_for, eval_transform, extract,
                                    module_device)
 from bt_fast.eval.knn import topk_accuracy
+from bt_fast.eval.linear import set_cosine_lr, sgd_step
 
 
 def balanced_subset(labels: list[int] | np.ndarray, percent: float, seed: int = 0) -> list[int]:
@@ -118,14 +119,10 @@ def finetune(loaded: Loaded, train_root: str | Path, val_root: str | Path, *, pe
     for epoch in range(epochs):
         model.train()
         for x, y in loader:
-            for group in opt.param_groups:  # cosine to 0 over all steps
-                group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / total))
+            set_cosine_lr(opt, step, total)
             with autocast_for(model, bf16):
                 logits = model(prep(x))
-            loss = F.cross_entropy(logits.float(), y.to(logits.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = sgd_step(opt, F.cross_entropy(logits.float(), y.to(logits.device)))
             step += 1
         if log and (epoch + 1) % max(1, epochs // 5) == 0:
             log(f"  finetune epoch {epoch + 1}/{epochs} loss {loss.item():.4f} "  # sync: 5x per run
