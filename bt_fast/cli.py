@@ -14,7 +14,7 @@ import sys
 from bt_fast.errors import EXIT_USER, UserError, one_line
 
 COMMANDS = {
-    "train": ("bt_fast.train", "pretrain with Barlow Twins: bt-fast train --config PATH [--set k=v ...]"),
+    "train": ("bt_fast.train", "pretrain (Barlow Twins, VICReg, SimCLR, BYOL): bt-fast train --config PATH [--set k=v ...]"),
     "eval": ("bt_fast.eval", "evaluate a checkpoint: bt-fast eval {knn,linear,semi} --checkpoint PATH"),
     "data": ("bt_fast.data", "prepare or validate data: bt-fast data {fashion-mnist,synthetic,check}"),
     "bench": ("bt_fast.bench", "side-by-side benchmarks: bt-fast bench {pipeline,loss,step} [--json]"),
@@ -26,7 +26,7 @@ COMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bt-fast", description="Barlow Twins at hardware speed.")
+    p = argparse.ArgumentParser(prog="bt-fast", description="Barlow Twins (and VICReg, SimCLR, BYOL) at hardware speed.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)

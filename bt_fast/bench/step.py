@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bt_fast import config, metrics, optim
+from bt_fast import config, methods, metrics, optim
 from bt_fast.kernels import official_loss
 
 
@@ -87,14 +87,7 @@ def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
 
 
 def build_model(cfg) -> torch.nn.Module:
-    """The configured method (bt_fast.methods), or Barlow Twins from bt_fast.model in a
-    tree from before the method seam; both map a list of views to their outputs."""
-    try:
-        from bt_fast import methods
-    except ImportError:
-        from bt_fast.model import BarlowTwins
-
-        return BarlowTwins(cfg.model)
+    """The configured method (bt_fast.methods): a list of views to the loss's inputs."""
     return methods.build(cfg)
 
 

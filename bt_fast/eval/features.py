@@ -33,7 +33,7 @@ from bt_fast import checkpoint
 from bt_fast.config import Config, from_dict
 from bt_fast.data import read_file_list
 from bt_fast.errors import DataError, EvalError
-from bt_fast.model import build_backbone
+from bt_fast.backbone import build_backbone
 
 CACHE_VERSION = 1
 
