@@ -15,17 +15,18 @@ import torch
 import torch.distributed as dist
 
 
+def _running() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size(group=None) -> int:
     """Ranks in ``group``; 1 when torch.distributed is not initialized."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
+    return dist.get_world_size(group) if _running() else 1
 
 
 def rank(group=None) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    return dist.get_rank(group)
+    """This process's rank in ``group``; 0 when torch.distributed is not initialized."""
+    return dist.get_rank(group) if _running() else 0
 
 
 def all_reduce_sum_(x: torch.Tensor, group=None) -> torch.Tensor:

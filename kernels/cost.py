@@ -86,6 +86,13 @@ def _sizes(n_global: int, d: int, world_size: int, dtype, device: str):
     return N, D, W, N / W, dtype, torch.empty((), dtype=dtype).element_size(), RATES[kind]
 
 
+def _priced(rows: dict, flop_rate: float, mem_rate: float, link_rate: float) -> dict:
+    """{impl: (flops, memory, bytes moved, bytes sent)} -> {impl: ImplCost} with modelled seconds."""
+    return {impl: ImplCost(impl, flops, memory, moved, sent,
+                           flops / flop_rate + moved / mem_rate + sent / link_rate)
+            for impl, (flops, memory, moved, sent) in rows.items()}
+
+
 def loss_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, device: str = "cpu") -> dict:
     """Modelled per-rank cost of each implementation, as {impl: ImplCost}."""
     N, D, W, n, dtype, s, rates = _sizes(n_global, d, world_size, dtype, device)
@@ -102,11 +109,7 @@ def loss_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, 
         "reference": (6 * N * D * D, 16 * D * D + 8 * N * D, 4 * 4 * D * D, _ring_all_gather(2 * n * D * s, W)),
         "official": (6 * n * D * D, 16 * D * D, 4 * 4 * D * D, _ring_all_reduce(4 * D * D, W) + norm_sent),
     }
-    out = {}
-    for impl, (flops, memory, moved, sent) in rows.items():
-        seconds = flops / flop_rate + moved / mem_rate + sent / link_rate
-        out[impl] = ImplCost(impl, flops, memory, moved, sent, seconds)
-    return out
+    return _priced(rows, flop_rate, mem_rate, link_rate)
 
 
 def candidates(device: str = "cpu") -> tuple[str, ...]:
@@ -151,11 +154,7 @@ def vicreg_costs(n_global: int, d: int, world_size: int = 1, dtype=torch.float32
         "official": (8 * N * D * D + 12 * N * D, 4 * (6 * D * D + 4 * N * D), 4 * 6 * D * D,
                      gather_sent + _ring_all_reduce(2 * N * D * s, W)),
     }
-    out = {}
-    for impl, (flops, memory, moved, sent) in rows.items():
-        seconds = flops / flop_rate + moved / mem_rate + sent / link_rate
-        out[impl] = ImplCost(impl, flops, memory, moved, sent, seconds)
-    return out
+    return _priced(rows, flop_rate, mem_rate, link_rate)
 
 
 def choose_vicreg_impl(n_global: int, d: int, world_size: int = 1, dtype=torch.float32, device: str = "cpu"):
