@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from bt_fast.backbone import parse_widths
 from bt_fast.kernels import barlow_twins_loss, official_loss
 from bt_fast.kernels.loss import IMPLS
-from bt_fast.methods.base import Method
+from bt_fast.methods.base import Method, check_heads
 
 
 @dataclass
@@ -33,9 +33,7 @@ class BarlowTwinsConfig:
     """reference | dense | gram | auto (see bt_fast.kernels)."""
 
     def __post_init__(self):
-        parse_widths(self.projector, "projector")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl={self.impl!r}: choose one of {', '.join(IMPLS)}")
+        check_heads(self.projector, self.impl, IMPLS)
 
 
 class BarlowTwins(Method):

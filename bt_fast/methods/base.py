@@ -24,6 +24,14 @@ from torch import nn
 from bt_fast.backbone import build_backbone, build_mlp, parse_widths
 
 
+def check_heads(projector: str, impl: str | None = None, impls: tuple = ()) -> None:
+    """A method Config's shared checks: dash-separated head widths, and a loss ``impl``
+    among ``impls``; ValueError (the config loader names the section and key)."""
+    parse_widths(projector, "projector")
+    if impl is not None and impl not in impls:
+        raise ValueError(f"impl={impl!r}: choose one of {', '.join(impls)}")
+
+
 class Method(nn.Module):
     """Base class: the backbone, the hooks' defaults and the class-level metadata."""
 

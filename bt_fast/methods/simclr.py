@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bt_fast.backbone import parse_widths
 from bt_fast.kernels import nt_xent_loss, nt_xent_loss_reference
-from bt_fast.methods.base import Method
+from bt_fast.methods.base import Method, check_heads
 
 
 @dataclass
@@ -28,7 +27,7 @@ class SimCLRConfig:
     """Softmax temperature of NT-Xent."""
 
     def __post_init__(self):
-        parse_widths(self.projector, "projector")
+        check_heads(self.projector)
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature}: must be positive")
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bt_fast.backbone import parse_widths
 from bt_fast.kernels import VICREG_IMPLS, vicreg_loss
-from bt_fast.methods.base import Method
+from bt_fast.methods.base import Method, check_heads
 
 
 @dataclass
@@ -38,9 +37,7 @@ class VICRegConfig:
     """reference (forms the D x D covariances) | gram | auto (see bt_fast.kernels)."""
 
     def __post_init__(self):
-        parse_widths(self.projector, "projector")
-        if self.impl not in VICREG_IMPLS:
-            raise ValueError(f"impl={self.impl!r}: choose one of {', '.join(VICREG_IMPLS)}")
+        check_heads(self.projector, self.impl, VICREG_IMPLS)
 
 
 class VICReg(Method):
