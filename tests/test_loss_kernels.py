@@ -168,15 +168,20 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+def largest_tensor_of(loss_fn, z1, z2) -> int:
+    """Bytes of the largest tensor allocated by loss_fn(z1, z2) forward + backward (fp32)."""
+    a, b = z1.float().requires_grad_(True), z2.float().requires_grad_(True)
+    with _LargestTensor() as seen:
+        loss_fn(a, b).backward()
+    return seen.largest
+
+
 @pytest.mark.parametrize("impl,makes_dxd", [("reference", True), pytest.param("dense", False, marks=pytest.mark.slow),
                                             ("gram", False)])
 def test_dense_and_gram_never_allocate_a_dxd_tensor(impl, makes_dxd):
     n, d = 20, 64  # a D x D fp32 tensor is 16 KiB, far above any [N, D] (5 KiB) or [N, N]
-    z1, z2 = _z(n, d)
-    a = z1.float().requires_grad_(True)
-    with _LargestTensor() as seen:
-        barlow_twins_loss(a, z2.float(), impl=impl).backward()
-    assert (seen.largest >= 4 * d * d) == makes_dxd, seen.largest  # the reference proves the probe works
+    largest = largest_tensor_of(lambda a, b: barlow_twins_loss(a, b, impl=impl), *_z(n, d))
+    assert (largest >= 4 * d * d) == makes_dxd, largest  # the reference proves the probe works
 
 
 def test_auto_uses_the_cost_model_and_never_the_interpreter_on_cpu():
