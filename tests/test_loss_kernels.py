@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bt_fast.kernels import IMPLS, barlow_twins_loss, choose_impl, loss_costs, resolve_impl
+from bt_fast.kernels import IMPLS, barlow_twins_loss, choose_impl, loss_costs, resolve_impl, vicreg_loss
 from bt_fast.kernels.gram import gram_terms
 from bt_fast.kernels.normalize import normalize_pair
 from bt_fast.kernels.reference import barlow_twins_loss_reference
@@ -176,11 +176,14 @@ def largest_tensor_of(loss_fn, z1, z2) -> int:
     return seen.largest
 
 
-@pytest.mark.parametrize("impl,makes_dxd", [("reference", True), pytest.param("dense", False, marks=pytest.mark.slow),
-                                            ("gram", False)])
-def test_dense_and_gram_never_allocate_a_dxd_tensor(impl, makes_dxd):
+@pytest.mark.parametrize("loss,impl,makes_dxd", [
+    (barlow_twins_loss, "reference", True), pytest.param(barlow_twins_loss, "dense", False, marks=pytest.mark.slow),
+    (barlow_twins_loss, "gram", False), (vicreg_loss, "reference", True), (vicreg_loss, "gram", False)],
+    ids=lambda v: getattr(v, "__name__", str(v)))
+def test_dense_and_gram_never_allocate_a_dxd_tensor(loss, impl, makes_dxd):
+    """Barlow Twins' c and VICReg's covariances are D x D only in the references."""
     n, d = 20, 64  # a D x D fp32 tensor is 16 KiB, far above any [N, D] (5 KiB) or [N, N]
-    largest = largest_tensor_of(lambda a, b: barlow_twins_loss(a, b, impl=impl), *_z(n, d))
+    largest = largest_tensor_of(lambda a, b: loss(a, b, impl=impl), *_z(n, d))
     assert (largest >= 4 * d * d) == makes_dxd, largest  # the reference proves the probe works
 
 

@@ -10,7 +10,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from bt_fast.kernels import VICREG_IMPLS, choose_vicreg_impl, resolve_vicreg_impl, vicreg_loss, vicreg_costs
-from test_loss_kernels import largest_tensor_of
 
 UPSTREAM = 1.7
 # (loss and terms, gradients), relative. bf16 inputs are compared with the formula on
@@ -131,13 +130,6 @@ def test_gram_in_fp32_at_d_8192_against_float64(case):
     for x, ref in zip(got, want):
         assert abs(x.double() - ref).item() <= 1e-5 * abs(ref).item(), (x, ref)
     assert _rel(g1, w1) <= 1e-5 and _rel(g2, w2) <= 1e-5
-
-
-@pytest.mark.parametrize("impl,makes_dxd", [("reference", True), ("gram", False)])
-def test_gram_never_allocates_a_dxd_tensor(impl, makes_dxd):
-    n, d = 20, 64  # a D x D fp32 tensor is 16 KiB, far above any [N, D] (5 KiB) or [N, N]
-    largest = largest_tensor_of(lambda a, b: vicreg_loss(a, b, impl=impl), *_z(n, d))
-    assert (largest >= 4 * d * d) == makes_dxd, largest  # the reference proves the probe works
 
 
 def test_auto_follows_the_cost_model():
