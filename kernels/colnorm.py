@@ -24,6 +24,19 @@ from bt_fast.kernels.triton_env import tl, triton
 
 
 @triton.jit
+def _rows(n0, N, col_ok, BLOCK_N: tl.constexpr):
+    """Rows n0 .. n0 + BLOCK_N (int64: n * stride passes 2^31) and the in-bounds mask."""
+    rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return rows, (rows[:, None] < N) & col_ok[None, :]
+
+
+@triton.jit
+def _tile(ptr, rows, cols, stride_n, stride_d, m):
+    """The [BLOCK_N, BLOCK_D] tile rows x cols of a strided [N, D] tensor as fp32, 0 outside m."""
+    return tl.load(ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _colnorm_pair_kernel(
     z1_ptr,  # [N, D] raw view 1 (fp32 / fp16 / bf16)
     z2_ptr,  # [N, D] raw view 2
@@ -41,19 +54,17 @@ def _colnorm_pair_kernel(
     sum1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     sum2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):  # pass 1: column sums
-        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        m = (rows[:, None] < N) & col_ok[None, :]
-        sum1 += tl.sum(tl.load(z1_ptr + rows[:, None] * stride_z1n + cols[None, :] * stride_z1d, mask=m, other=0.0).to(tl.float32), axis=0)
-        sum2 += tl.sum(tl.load(z2_ptr + rows[:, None] * stride_z2n + cols[None, :] * stride_z2d, mask=m, other=0.0).to(tl.float32), axis=0)
+        rows, m = _rows(n0, N, col_ok, BLOCK_N)
+        sum1 += tl.sum(_tile(z1_ptr, rows, cols, stride_z1n, stride_z1d, m), axis=0)
+        sum2 += tl.sum(_tile(z2_ptr, rows, cols, stride_z2n, stride_z2d, m), axis=0)
     mean1 = sum1 / N
     mean2 = sum2 / N
     sq1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     sq2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):  # pass 2: centred squares
-        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        m = (rows[:, None] < N) & col_ok[None, :]
-        x1 = tl.load(z1_ptr + rows[:, None] * stride_z1n + cols[None, :] * stride_z1d, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(z2_ptr + rows[:, None] * stride_z2n + cols[None, :] * stride_z2d, mask=m, other=0.0).to(tl.float32)
+        rows, m = _rows(n0, N, col_ok, BLOCK_N)
+        x1 = _tile(z1_ptr, rows, cols, stride_z1n, stride_z1d, m)
+        x2 = _tile(z2_ptr, rows, cols, stride_z2n, stride_z2d, m)
         x1 = tl.where(m, x1 - mean1[None, :], 0.0)
         x2 = tl.where(m, x2 - mean2[None, :], 0.0)
         sq1 += tl.sum(x1 * x1, axis=0)
@@ -62,10 +73,9 @@ def _colnorm_pair_kernel(
     inv2 = 1.0 / tl.sqrt(sq2 / N + eps)
     dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):  # pass 3: normalize, write, diagonal of c
-        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        m = (rows[:, None] < N) & col_ok[None, :]
-        x1 = tl.load(z1_ptr + rows[:, None] * stride_z1n + cols[None, :] * stride_z1d, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(z2_ptr + rows[:, None] * stride_z2n + cols[None, :] * stride_z2d, mask=m, other=0.0).to(tl.float32)
+        rows, m = _rows(n0, N, col_ok, BLOCK_N)
+        x1 = _tile(z1_ptr, rows, cols, stride_z1n, stride_z1d, m)
+        x2 = _tile(z2_ptr, rows, cols, stride_z2n, stride_z2d, m)
         y1 = tl.where(m, (x1 - mean1[None, :]) * inv1[None, :], 0.0)
         y2 = tl.where(m, (x2 - mean2[None, :]) * inv2[None, :], 0.0)
         tl.store(a1_ptr + rows[:, None] * stride_an + cols[None, :], y1, mask=m)
