@@ -7,6 +7,7 @@ machines are shared and noisy; never compare numbers from different runs.
 from __future__ import annotations
 
 import importlib
+import json
 
 BENCHES = {
     "pipeline": "bt_fast.bench.pipeline",  # DALI recipe vs torchvision DataLoader vs decode+crop ceiling
@@ -25,3 +26,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     return importlib.import_module(BENCHES[args.bench]).run(args)
+
+
+def emit(result: dict, as_json: bool) -> None:
+    """One JSON object (``--json``) or one aligned ``key: value`` line per entry."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:>36}: {value:.3f}" if isinstance(value, float) else f"{key:>36}: {value}")

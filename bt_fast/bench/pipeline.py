@@ -20,7 +20,6 @@ follows the work: compare ratios within one run, never across runs.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from bt_fast.bench import emit
 
 
 def add_arguments(parser) -> None:
@@ -149,9 +150,5 @@ def run(args) -> int:
         res["a_hsv_over_c"] = res["a_hsv_dali_recipe_exact_hue_img_s"] / c
         res["roi_over_once"] = res["a_roi_dali_recipe_roi_decode_img_s"] / a
     res = {k: round(v, 3 if abs(v) < 10 else 1) if isinstance(v, float) else v for k, v in res.items()}
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:40s} {v}")
+    emit(res, args.json)
     return 0

@@ -15,13 +15,13 @@ step time of each is reported with the ratio.
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import time
 
 import torch
 
 from bt_fast import config, methods, metrics, optim
+from bt_fast.bench import emit
 from bt_fast.kernels import official_loss
 
 
@@ -131,9 +131,5 @@ def run(args) -> int:
         "bt_fast_images_per_s": args.batch / fast_s, "plain_images_per_s": args.batch / plain_s,
         "speedup": plain_s / fast_s,
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    emit(result, args.json)
     return 0
