@@ -168,6 +168,18 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+def assert_ignores_autocast(loss_fn, z1, z2) -> None:
+    """Called inside a caller's bf16 autocast by mistake, a loss must compute as outside
+    it: an fp32 result, the same value and gradient to 1e-6."""
+    a = z1.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss_fn(a, z2)
+    outside = loss_fn(a, z2)
+    (g_in,), (g_out,) = torch.autograd.grad(inside, a), torch.autograd.grad(outside, a)
+    assert inside.dtype == torch.float32 and abs(inside - outside).item() <= 1e-6 * outside.item()
+    assert _rel(g_in, g_out.double()) <= 1e-6
+
+
 def largest_tensor_of(loss_fn, z1, z2) -> int:
     """Bytes of the largest tensor allocated by loss_fn(z1, z2) forward + backward (fp32)."""
     a, b = z1.float().requires_grad_(True), z2.float().requires_grad_(True)
