@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from bt_fast.errors import EXIT_USER, UserError, one_line
+from bt_fast.errors import EXIT_USER, USER_ERRORS, one_line
 
 COMMANDS = {
     "train": ("bt_fast.train", "pretrain (Barlow Twins, VICReg, SimCLR, BYOL): bt-fast train --config PATH [--set k=v ...]"),
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
-    except UserError as e:
+    except USER_ERRORS as e:
         print(one_line(name, e), file=sys.stderr)
         return EXIT_USER
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 from bt_fast.errors import DataError, DiskFullError
 from bt_fast.pipelines import filelist
-from bt_fast.pipelines.filelist import FILELIST, SourceError
+from bt_fast.pipelines.errors import SourceError
+from bt_fast.pipelines.filelist import FILELIST
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FMNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                   "sandal", "shirt", "sneaker", "bag", "ankle-boot"]

@@ -6,10 +6,13 @@ whose message names what was wrong and where. ``bt_fast.cli`` catches the family
 and prints ``bt-fast COMMAND: MESSAGE`` on one line, exit :data:`EXIT_USER`. Everything
 else is a bug and keeps its traceback.
 
-This module imports nothing from bt_fast, so every floor of the package can use it.
+This module imports nothing from bt_fast but the pipeline library's error types, so
+every floor of the package can use it.
 """
 
 from __future__ import annotations
+
+from bt_fast.pipelines.errors import PipelineError
 
 EXIT_USER = 2
 """Bad input: fix it and run again. Launchers should not retry (see scripts/train.sh)."""
@@ -64,8 +67,14 @@ class RunDirError(UserError, OSError):
     """The run folder (train.run_dir) cannot be created or written."""
 
 
-def one_line(command: str, error: UserError) -> str:
+def one_line(command: str, error: Exception) -> str:
     """``bt-fast COMMAND: [kind: ]message`` folded onto one line: how every user error
     is printed, by the CLI and by checks that run before it (``bt_fast.preflight``)."""
     message = " ".join(str(error).split()) or type(error).__name__
-    return f"bt-fast {command}: {error.kind + ': ' if error.kind else ''}{message}"
+    kind = getattr(error, "kind", "")
+    return f"bt-fast {command}: {kind + ': ' if kind else ''}{message}"
+
+
+USER_ERRORS = (UserError, PipelineError)
+"""What the CLI reports in one line: the family above, and the pipeline library's own
+bad-input errors (bt_fast.pipelines.errors), which cannot derive from it."""

@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from bt_fast import checkpoint, config, dist, methods, metrics, optim
 from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError, ResumeError
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
-from bt_fast.pipelines.filelist import SourceError
+from bt_fast.pipelines.errors import SourceError
 
 
 class NonFiniteLoss(RuntimeError):

@@ -17,15 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bt_fast.errors import DataError
+from .errors import SourceError
 
 FILELIST, CLASSES = "filelist.txt", "classes.txt"
-
-
-class SourceError(DataError, ValueError):
-    """Data that cannot be read as listed: a missing or malformed file list, a missing
-    shard, a listed file gone, an image that no longer decodes. Names the file; a
-    ``DataError``, so the CLI reports it in one line (exit 2)."""
 
 
 @dataclass

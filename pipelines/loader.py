@@ -24,18 +24,14 @@ import sys
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from bt_fast.errors import ResumeError
 
-from .filelist import FILELIST, SourceError
+from .errors import SourceError, StateMismatch
+from .filelist import FILELIST
 from .ops import COINS
 from .pipeline import READER, multiview_pipeline
 from .spec import ViewSpec, expand
 
 STATE_FORMAT = 3  # 2: fused linear colour graph (hue="linear" default); 3: records the device
-
-
-class StateMismatch(ResumeError, ValueError):
-    """A saved loader state this loader cannot continue from; names what differs."""
 
 
 def batches_per_epoch(images: int, num_shards: int, batch_size: int, where: str = "data") -> int:

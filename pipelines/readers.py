@@ -19,7 +19,8 @@ import numpy as np
 from nvidia.dali import fn, types
 
 from . import filelist
-from .filelist import FILELIST, SourceError, image_problem
+from .errors import SourceError
+from .filelist import FILELIST, image_problem
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 SIZE_SAMPLE = 256  # files whose sizes enter a folder's fingerprint
 SHUFFLE_BUFFER = 1024  # DALI's default initial_fill: samples shuffled together

@@ -10,8 +10,7 @@ import torch
 
 from bt_fast.data import make_synthetic
 from bt_fast.pipelines import FolderSource, MultiViewLoader, ViewSpec, WebDatasetSource, presets
-from bt_fast.errors import ResumeError
-from bt_fast.pipelines.filelist import SourceError
+from bt_fast.pipelines.errors import SourceError, StateMismatch
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +248,7 @@ def test_position_only_resume_after_the_list_lost_files(tmp_path):
 def test_state_from_the_other_data_device_is_refused(src):
     state = MultiViewLoader(src, small_views(), 8).state_dict()
     state["device"] = "gpu"
-    with pytest.raises(ResumeError, match="data device .*checkpoint has 'gpu'"):
+    with pytest.raises(StateMismatch, match="data device .*checkpoint has 'gpu'"):
         MultiViewLoader(src, small_views(), 8, state=state)
 
 
@@ -262,7 +261,7 @@ def test_state_written_before_the_device_was_recorded_resumes_on_the_cpu(src):
     old = {k: v for k, v in state.items() if k != "device"} | {"format": 2}
     views, _ = next(iter(MultiViewLoader(src, small_views(), 8, state=old)))
     assert all(torch.equal(x, y) for x, y in zip(views, expected))
-    with pytest.raises(ResumeError, match="data device"):
+    with pytest.raises(StateMismatch, match="data device"):
         MultiViewLoader(src, small_views(), 8, device="gpu", state=old)
 
 

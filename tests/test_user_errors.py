@@ -6,10 +6,12 @@ import sys
 import pytest
 
 from bt_fast import cli, errors
+from bt_fast.pipelines.errors import SourceError, StateMismatch
 from conftest import CONFIGS
 
 FAMILY = [errors.ConfigError, errors.UsageError, errors.DataError, errors.EvalError,
-          errors.CheckpointError, errors.ResumeError, errors.MetricsPortError, errors.DiskFullError]
+          errors.CheckpointError, errors.ResumeError, errors.MetricsPortError, errors.DiskFullError,
+          SourceError, StateMismatch]
 
 
 @pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
