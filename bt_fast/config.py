@@ -201,7 +201,7 @@ def validate(cfg: Config) -> None:
                 "data.prefetch": cfg.data.prefetch, "train.log_every": cfg.train.log_every,
                 "optim.epochs": cfg.optim.epochs}
     non_negative = {"train.max_steps": cfg.train.max_steps, "train.checkpoint_every": cfg.train.checkpoint_every,
-                    "optim.warmup_epochs": cfg.optim.warmup_epochs}
+                    "optim.warmup_epochs": cfg.optim.warmup_epochs, "train.threads": cfg.train.threads}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be positive")

@@ -16,8 +16,6 @@ except under fp16, whose GradScaler checks for inf on the host every step.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from bt_fast import checkpoint, config, dist, methods, metrics, optim
+from bt_fast.device import autocast, data_device, place_views, set_cudnn, set_threads
 from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError, ResumeError
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
 from bt_fast.pipelines.errors import SourceError
@@ -78,44 +77,6 @@ class BufferGuard:
     def keep_if(self, applied: torch.Tensor) -> None:
         for b, saved in zip(self.buffers, self.saved):
             torch.where(applied, b, saved, out=b)  # out= is b itself: elementwise, safe
-
-
-def autocast(cfg: config.Config, device: torch.device):
-    if cfg.train.precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def place_views(views: list[torch.Tensor], device: torch.device, channels_last: bool) -> list[torch.Tensor]:
-    """Views on the model's device in the model's memory format, whatever ``data.device`` is.
-
-    DALI's CPU pipeline hands over pageable host tensors; on a CUDA model they are pinned
-    first (one host memcpy) so the copy to the GPU is asynchronous (non_blocking) and
-    overlaps the previous step's kernels. Views already on ``device`` are not copied.
-    """
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = []
-    for v in views:
-        if v.device != device:
-            if device.type == "cuda" and v.device.type == "cpu":
-                v = v.pin_memory()
-            v = v.to(device, non_blocking=True)
-        out.append(v.contiguous(memory_format=fmt))
-    return out
-
-
-def set_cudnn(cfg: config.Config) -> None:
-    """Autotune convolutions (input sizes are fixed per view), unless asked to be deterministic.
-
-    ``train.deterministic`` trades speed for run-to-run identical GPU results (cuDNN's
-    default backward kernels use atomics): what an exact-resume check on a GPU needs.
-    """
-    det = cfg.train.deterministic
-    torch.backends.cudnn.benchmark = not det
-    torch.backends.cudnn.deterministic = det
-    if det:
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) -> dict:
@@ -205,34 +166,6 @@ def make_loader(cfg: config.Config, env: dist.Env, state: dict | None,
         source, config.resolved_views(cfg), cfg.data.batch_size // env.world_size, device=data_device(cfg),
         num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, seed=cfg.train.seed,
         shard_id=env.rank, num_shards=env.world_size, state=state, position_only=position_only)
-
-
-def data_device(cfg: config.Config) -> str:
-    if cfg.data.device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return cfg.data.device
-
-
-def set_threads(cfg: config.Config, env: dist.Env) -> int:
-    """torch's intra-op threads: ``train.threads``, or for 0 on a CPU run the cores of
-    this rank that its DALI workers leave free (at least 1); GPU runs, and runs whose
-    OMP_NUM_THREADS says otherwise, keep torch's choice.
-
-    Why: torch's default (one thread per core) plus DALI's CPU workers oversubscribe
-    the cores, and OpenMP threads then wait for each other: on the shared 2-core
-    machine the Fashion-MNIST step ran 2.8x faster with 1 torch thread than with 2
-    (docs/fmnist.md, "Throughput").
-    """
-    n = cfg.train.threads
-    if n < 0:
-        raise ConfigError(f"train.threads={n}: must be >= 0 (0 = auto)")
-    if n == 0 and env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        dali = cfg.data.num_threads if data_device(cfg) == "cpu" else 0
-        n = max(1, cores - dali)
-    if n > 0:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
 
 
 def setup(cfg: config.Config) -> Run:

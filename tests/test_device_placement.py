@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from bt_fast import config, train
+from bt_fast import config, device
 
 
 def views_cpu():
@@ -12,10 +12,10 @@ def views_cpu():
 
 
 def test_views_move_to_the_model_device_in_its_memory_format():
-    out = train.place_views(views_cpu(), torch.device("meta"), channels_last=True)
+    out = device.place_views(views_cpu(), torch.device("meta"), channels_last=True)
     assert all(v.device.type == "meta" for v in out)
     assert all(v.is_contiguous(memory_format=torch.channels_last) for v in out)
-    out = train.place_views(views_cpu(), torch.device("cpu"), channels_last=False)
+    out = device.place_views(views_cpu(), torch.device("cpu"), channels_last=False)
     assert all(v.is_contiguous() for v in out)  # tune's channels_last=false really changes the input
 
 
@@ -32,14 +32,14 @@ def test_cpu_views_for_a_cuda_model_are_pinned_and_copied_asynchronously(monkeyp
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
     monkeypatch.setattr(torch.Tensor, "to", to)
-    train.place_views(views_cpu(), torch.device("cuda", 0), channels_last=True)
+    device.place_views(views_cpu(), torch.device("cuda", 0), channels_last=True)
     assert calls == ["pin", ("to", "cuda:0", True)] * 2
 
 
 def test_views_already_on_the_device_are_not_copied(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", lambda *a, **k: (_ for _ in ()).throw(AssertionError("copied")))
     v = views_cpu()
-    out = train.place_views(v, torch.device("cpu"), channels_last=True)
+    out = device.place_views(v, torch.device("cpu"), channels_last=True)
     assert out[0].data_ptr() == v[0].data_ptr()
 
 
@@ -47,9 +47,9 @@ def test_cudnn_autotunes_unless_deterministic():
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
               torch.are_deterministic_algorithms_enabled())
     try:
-        train.set_cudnn(config.load(None))
+        device.set_cudnn(config.load(None))
         assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
-        train.set_cudnn(config.load(None, ["train.deterministic=true"]))
+        device.set_cudnn(config.load(None, ["train.deterministic=true"]))
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
         assert torch.are_deterministic_algorithms_enabled()
     finally:

@@ -5,7 +5,7 @@ import torch
 
 from bt_fast import config, dist
 from bt_fast.errors import ConfigError
-from bt_fast.train import set_threads
+from bt_fast.device import set_threads
 
 
 @pytest.fixture(autouse=True)
@@ -38,5 +38,5 @@ def test_explicit_threads_and_omp_env_win(monkeypatch):
 
 
 def test_negative_threads_is_a_config_error():
-    with pytest.raises(ConfigError, match="train.threads"):
-        set_threads(cfg("train.threads=-1"), dist.Env())
+    with pytest.raises(ConfigError, match="train.threads=-1: must not be negative"):
+        config.validate(cfg("train.threads=-1"))
