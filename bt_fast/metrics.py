@@ -159,7 +159,8 @@ class Sink:
         """Flush and release resources."""
 
 
-def _fmt_duration(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
+    """3m07s, or 1h02m past an hour: progress lines and the end-of-run summary."""
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -188,7 +189,7 @@ class ConsoleSink(Sink):
             parts.append(f"data wait {share:.0%}")
         if self._last and self.total_steps and step > self._last[1]:
             per_step = (now - self._last[0]) / (step - self._last[1])
-            parts.append(f"ETA {_fmt_duration(per_step * (self.total_steps - step))}")
+            parts.append(f"ETA {fmt_duration(per_step * (self.total_steps - step))}")
         if record.get("nonfinite_steps"):
             parts.append(f"non-finite steps {int(record['nonfinite_steps'])}")
         self._last = (now, step)

@@ -267,6 +267,14 @@ def log_window(run: Run, logger, out: dict, timer, lrs, window_steps: int, t_win
     }, run.step)
 
 
+def summary(steps: int, global_batch: int, seconds: float, last) -> str:
+    """The run's last line: what it trained, in how long (the loop only: setup and the
+    pipeline's start are not in it, so this is the figure to compare across runs)."""
+    images = steps * global_batch
+    return (f"bt-fast train: {steps} steps ({images} images) in {metrics.fmt_duration(seconds)}: "
+            f"{images / max(seconds, 1e-9):.0f} img/s; last checkpoint {last or 'none'}")
+
+
 def train(run: Run) -> None:
     cfg, env = run.cfg, run.env
     logger = metrics.open_sinks(cfg, run.run_dir, rank=env.rank, local_rank=env.local_rank,
@@ -277,6 +285,7 @@ def train(run: Run) -> None:
     # SIGTERM on any rank (torchrun, SLURM or `docker stop` forwarding it): all ranks stop
     # after the same step, write one checkpoint together and exit 0.
     stop, stopping = dist.StopFlag(env), False
+    t_start, first_step = time.perf_counter(), run.step
     try:
         while run.step < run.last_step and not stopping:
             timer.start()
@@ -304,6 +313,9 @@ def train(run: Run) -> None:
         if stopping:
             print(f"bt-fast train: rank {env.rank} stopped by signal at step {run.step}; "
                   "checkpoint written", file=sys.stderr)
+        if env.rank == 0 and run.step > first_step:
+            print(summary(run.step - first_step, cfg.data.batch_size,
+                          time.perf_counter() - t_start, checkpoint.latest(run.run_dir)), file=sys.stderr)
     finally:
         stop.restore()
         logger.close()

@@ -102,12 +102,17 @@ def test_pre_method_checkpoint_resumes_exactly_and_evaluates(dataset, tmp_path, 
     assert json.loads(capsys.readouterr().out)["step"] == 4
 
 
-def test_checkpoint_contents_and_saved_config(dataset, tmp_path):
+def test_checkpoint_contents_and_saved_config(dataset, tmp_path, capsys):
     assert main(smoke_args(dataset, tmp_path, "train.max_steps=1")) == 0
     ckpt = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert {"model", "optimizer", "scaler", "step", "rng", "pipeline", "config"} <= set(ckpt)
     saved = config.load(tmp_path / "config.yaml")
     assert config.to_dict(saved) == ckpt["config"] and saved.train.max_steps == 1
+    # the run ends with one summary line: steps, images (batch from the config), the checkpoint
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    batch = saved.data.batch_size
+    assert last_line.startswith(f"bt-fast train: 1 steps ({batch} images) in 0m")
+    assert last_line.endswith(str(tmp_path / "checkpoints" / "last.pt"))
 
 
 def test_nonfinite_loss_stops_with_exit_3_and_keeps_weights(dataset, tmp_path, monkeypatch, capsys):
