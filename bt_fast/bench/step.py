@@ -4,12 +4,17 @@ Both run in this process on the same cores, on the same random views (data loadi
 benchmarked by ``bench pipeline``), with the same model, LARS and learning rate:
 
 - contender: ``bt_fast.train.train_step`` as configured (channels-last, autocast per
-  ``train.precision``, ``loss.impl``, device-side finite guard);
+  ``train.precision``, ``loss.impl``, ``train.compile``, device-side finite guard) at the
+  trainer's torch thread count (``train.threads``; auto on a CPU run leaves the DALI
+  workers their cores);
 - baseline: the official loop's step (NCHW memory, fp32, the official dense loss
-  formulation with the D x D matrix and its off-diagonal copy).
+  formulation with the D x D matrix and its off-diagonal copy) at torch's default count;
+- where the two counts differ, the contender again at torch's count: its ratio
+  (``threads_speedup``) is the thread lever alone.
 
-Steps alternate between the two so drift in machine load hits both alike; the median
-step time of each is reported with the ratio.
+Steps alternate between the contenders so drift in machine load hits all alike; the
+median step time of each is reported with the ratios. Each lever's switch is a config
+key, so ``--set train.compile=true`` or ``--set train.precision=fp32`` times it.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import time
 
 import torch
 
-from bt_fast import config, methods, metrics, optim
+from bt_fast import config, dist, methods, metrics, optim
 from bt_fast.bench import emit
+from bt_fast.device import set_threads
 from bt_fast.kernels import official_loss
 
 
@@ -53,10 +59,26 @@ def contender_step(run, views, timer=None) -> torch.Tensor:
     return train_step(run, views, timer)["loss"]
 
 
-def _time(fn) -> float:
+def _time(fn, threads: int) -> float:
+    torch.set_num_threads(threads)  # process-wide: each contender runs at its own count
     t0 = time.perf_counter()
     fn().item()  # the sync point: the step is done when its loss is on the host
     return time.perf_counter() - t0
+
+
+def interleaved(steps: int, contenders: dict) -> dict[str, float]:
+    """Median seconds per step of each ``name: (fn, threads)``, their steps alternating
+    (2 warm-up rounds first: allocator, autotuning, lazy imports)."""
+    times, before = {name: [] for name in contenders}, torch.get_num_threads()
+    try:
+        for i in range(2 + steps):
+            for name, (fn, threads) in contenders.items():
+                t = _time(fn, threads)
+                if i >= 2:
+                    times[name].append(t)
+    finally:
+        torch.set_num_threads(before)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
@@ -66,7 +88,6 @@ def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
     configured); both groups' learning rates are their configured peaks times
     ``lr_scale``. Shared by this benchmark and ``bt-fast doctor``.
     """
-    from bt_fast import dist
     from bt_fast.train import Run  # the trainer's internals: imported here only
 
     torch.manual_seed(cfg.train.seed)
@@ -80,7 +101,8 @@ def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
     opt = optim.build(model, cfg.optim)
     set_peak_lrs(opt, cfg, lr_scale)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    run_ = Run(cfg=cfg, env=dist.Env(device=device), run_dir=None, model=model, ddp=model,
+    step_model = torch.compile(model) if cfg.train.compile else model  # as the trainer does
+    run_ = Run(cfg=cfg, env=dist.Env(device=device), run_dir=None, model=model, ddp=step_model,
                optimizer=opt, scaler=scaler, loader=None, step=0, total_steps=1, last_step=1,
                warmup_steps=0)
     return run_, views
@@ -108,6 +130,9 @@ def set_peak_lrs(opt, cfg, scale: float = 1.0) -> None:
 def run(args) -> int:
     cfg = config.load(args.config, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default_threads = torch.get_num_threads()  # torch's choice: what the plain loop runs with
+    threads = set_threads(cfg, dist.Env(device=device))  # the trainer's (train.threads)
+    torch.set_num_threads(default_threads)  # interleaved() sets each contender's count
     run_, fast_views = contender(cfg, args.batch, device)
     size = fast_views[0].shape[-1]
     # the baseline: same initial weights, NCHW views with the same values
@@ -115,21 +140,23 @@ def run(args) -> int:
     views_nchw = [v.contiguous() for v in fast_views]
     opt_plain = optim.build(plain, cfg.optim)
     set_peak_lrs(opt_plain, cfg)
-    for _ in range(2):  # warm-up: allocator, autotuning, lazy imports
-        contender_step(run_, fast_views).item()
-        baseline_step(plain, views_nchw, opt_plain).item()
-    t_fast, t_plain = [], []
-    for _ in range(args.steps):
-        t_fast.append(_time(lambda: contender_step(run_, fast_views)))
-        t_plain.append(_time(lambda: baseline_step(plain, views_nchw, opt_plain)))
-    fast_s, plain_s = statistics.median(t_fast), statistics.median(t_plain)
+    fast = lambda: contender_step(run_, fast_views)  # noqa: E731
+    contenders = {"bt_fast": (fast, threads),
+                  "plain": (lambda: baseline_step(plain, views_nchw, opt_plain), default_threads)}
+    if threads != default_threads:  # the thread lever alone: the same step at torch's count
+        contenders["bt_fast_default_threads"] = (fast, default_threads)
+    s = interleaved(args.steps, contenders)
     result = {
         "bench": "step", "config": args.config, "batch": args.batch, "image_size": size,
         "backbone": cfg.model.backbone, **method_fields(cfg),
         "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
-        "device": device.type, "threads": torch.get_num_threads(),
-        "bt_fast_images_per_s": args.batch / fast_s, "plain_images_per_s": args.batch / plain_s,
-        "speedup": plain_s / fast_s,
+        "compile": cfg.train.compile, "device": device.type,
+        "threads": threads, "plain_threads": default_threads,
+        "bt_fast_images_per_s": args.batch / s["bt_fast"], "plain_images_per_s": args.batch / s["plain"],
+        "speedup": s["plain"] / s["bt_fast"],
     }
+    if "bt_fast_default_threads" in s:
+        result["default_threads_images_per_s"] = args.batch / s["bt_fast_default_threads"]
+        result["threads_speedup"] = s["bt_fast_default_threads"] / s["bt_fast"]
     emit(result, args.json)
     return 0
