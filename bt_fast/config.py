@@ -127,7 +127,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the step's model (the DDP wrapper when distributed)."""
     threads: int = 0
-    """torch CPU threads per rank; 0 = auto (a CPU run: the cores its DALI workers leave, >= 1)."""
+    """torch CPU threads per rank; 0 = auto (a CPU run: its share of the cores, >= 1)."""
     deterministic: bool = False
     """GPU: deterministic cuDNN/torch kernels instead of autotuned ones (slower)."""
     seed: int = 0

@@ -61,19 +61,18 @@ def data_device(cfg: config.Config) -> str:
 
 def set_threads(cfg: config.Config, env: dist.Env) -> int:
     """torch's intra-op threads: ``train.threads``, or for 0 on a CPU run the cores of
-    this rank that its DALI workers leave free (at least 1); GPU runs, and runs whose
-    OMP_NUM_THREADS says otherwise, keep torch's choice.
+    this rank (the process's cores / ranks on this node, at least 1); GPU runs, and runs
+    whose OMP_NUM_THREADS says otherwise, keep torch's choice.
 
-    Why: torch's default (one thread per core) plus DALI's CPU workers oversubscribe
-    the cores, and OpenMP threads then wait for each other: on the shared 2-core
-    machine the Fashion-MNIST step ran 2.8x faster with 1 torch thread than with 2
-    (docs/fmnist.md, "Throughput").
+    Why: several CPU ranks on one machine would each start a thread per core and wait
+    for each other. The DALI workers are not subtracted: at 28 px one worker needs a
+    fraction of a core, and on an otherwise idle 2-core machine 2 torch threads beside it
+    trained 1.45x faster than 1 (633 vs 437 img/s); on a machine whose cores other jobs
+    hold, ``train.threads: 1`` was the faster one (docs/fmnist.md, "Throughput").
     """
     n = cfg.train.threads  # config.validate: >= 0
     if n == 0 and env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        dali = cfg.data.num_threads if data_device(cfg) == "cpu" else 0
-        n = max(1, cores - dali)
+        n = max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()

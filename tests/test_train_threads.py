@@ -1,4 +1,4 @@
-"""train.threads: torch's CPU threads, auto = the cores the DALI workers leave free."""
+"""train.threads: torch's CPU threads, auto = the cores of this rank."""
 
 import pytest
 import torch
@@ -21,9 +21,9 @@ def cfg(*sets):
     return config.load(None, ["data.device=cpu", *sets])
 
 
-@pytest.mark.parametrize("cores,ranks,dali,want", [(2, 1, 1, 1), (2, 1, 2, 1), (16, 1, 2, 14),
-                                                   (16, 2, 2, 6), (4, 4, 1, 1)])
-def test_auto_leaves_the_dali_workers_their_cores(monkeypatch, cores, ranks, dali, want):
+@pytest.mark.parametrize("cores,ranks,dali,want", [(2, 1, 1, 2), (2, 1, 2, 2), (16, 1, 2, 16),
+                                                   (16, 2, 2, 8), (4, 4, 1, 1), (2, 4, 1, 1)])
+def test_auto_gives_each_rank_its_share_of_the_cores(monkeypatch, cores, ranks, dali, want):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
     assert set_threads(cfg(f"data.num_threads={dali}"), dist.Env()) == want
