@@ -140,23 +140,25 @@ def run(args) -> int:
     views_nchw = [v.contiguous() for v in fast_views]
     opt_plain = optim.build(plain, cfg.optim)
     set_peak_lrs(opt_plain, cfg)
-    fast = lambda: contender_step(run_, fast_views)  # noqa: E731
+    def fast():
+        return contender_step(run_, fast_views)
+
     contenders = {"bt_fast": (fast, threads),
                   "plain": (lambda: baseline_step(plain, views_nchw, opt_plain), default_threads)}
     if threads != default_threads:  # the thread lever alone: the same step at torch's count
         contenders["bt_fast_default_threads"] = (fast, default_threads)
-    s = interleaved(args.steps, contenders)
+    sec = interleaved(args.steps, contenders)  # median seconds per step
     result = {
         "bench": "step", "config": args.config, "batch": args.batch, "image_size": size,
         "backbone": cfg.model.backbone, **method_fields(cfg),
         "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
         "compile": cfg.train.compile, "device": device.type,
         "threads": threads, "plain_threads": default_threads,
-        "bt_fast_images_per_s": args.batch / s["bt_fast"], "plain_images_per_s": args.batch / s["plain"],
-        "speedup": s["plain"] / s["bt_fast"],
+        "bt_fast_images_per_s": args.batch / sec["bt_fast"], "plain_images_per_s": args.batch / sec["plain"],
+        "speedup": sec["plain"] / sec["bt_fast"],
     }
-    if "bt_fast_default_threads" in s:
-        result["default_threads_images_per_s"] = args.batch / s["bt_fast_default_threads"]
-        result["threads_speedup"] = s["bt_fast_default_threads"] / s["bt_fast"]
+    if "bt_fast_default_threads" in sec:
+        result["default_threads_images_per_s"] = args.batch / sec["bt_fast_default_threads"]
+        result["threads_speedup"] = sec["bt_fast_default_threads"] / sec["bt_fast"]
     emit(result, args.json)
     return 0
