@@ -59,10 +59,10 @@ def data_device(cfg: config.Config) -> str:
     return cfg.data.device
 
 
-def set_threads(cfg: config.Config, env: dist.Env) -> int:
-    """torch's intra-op threads: ``train.threads``, or for 0 on a CPU run the cores of
-    this rank (the process's cores / ranks on this node, at least 1); GPU runs, and runs
-    whose OMP_NUM_THREADS says otherwise, keep torch's choice.
+def threads_for(cfg: config.Config, env: dist.Env) -> int:
+    """torch's intra-op threads for this rank: ``train.threads``, or for 0 on a CPU run
+    the cores of this rank (the process's cores / ranks on this node, at least 1); 0 =
+    keep torch's choice (GPU runs, and runs whose OMP_NUM_THREADS says otherwise).
 
     Why: several CPU ranks on one machine would each start a thread per core and wait
     for each other. The DALI workers are not subtracted: at 28 px one worker needs a
@@ -73,6 +73,12 @@ def set_threads(cfg: config.Config, env: dist.Env) -> int:
     n = cfg.train.threads  # config.validate: >= 0
     if n == 0 and env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         n = max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return n
+
+
+def set_threads(cfg: config.Config, env: dist.Env) -> int:
+    """Apply :func:`threads_for`; returns the count torch now uses."""
+    n = threads_for(cfg, env)
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()

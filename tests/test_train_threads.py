@@ -5,7 +5,7 @@ import torch
 
 from bt_fast import config, dist
 from bt_fast.errors import ConfigError
-from bt_fast.device import set_threads
+from bt_fast.device import set_threads, threads_for
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +40,9 @@ def test_explicit_threads_and_omp_env_win(monkeypatch):
 def test_negative_threads_is_a_config_error():
     with pytest.raises(ConfigError, match="train.threads=-1: must not be negative"):
         config.validate(cfg("train.threads=-1"))
+
+
+def test_gpu_runs_keep_torchs_count(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert threads_for(cfg(), dist.Env(device=torch.device("cuda"))) == 0  # 0 = leave it alone
+    assert threads_for(cfg(), dist.Env()) == 8

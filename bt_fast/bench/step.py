@@ -5,8 +5,8 @@ benchmarked by ``bench pipeline``), with the same model, LARS and learning rate:
 
 - contender: ``bt_fast.train.train_step`` as configured (channels-last, autocast per
   ``train.precision``, ``loss.impl``, ``train.compile``, device-side finite guard) at the
-  trainer's torch thread count (``train.threads``; auto on a CPU run leaves the DALI
-  workers their cores);
+  trainer's torch thread count (``train.threads``; auto on a CPU run is the rank's share
+  of the cores);
 - baseline: the official loop's step (NCHW memory, fp32, the official dense loss
   formulation with the D x D matrix and its off-diagonal copy) at torch's default count;
 - where the two counts differ, the contender again at torch's count: its ratio
@@ -27,7 +27,7 @@ import torch
 
 from bt_fast import config, dist, methods, metrics, optim
 from bt_fast.bench import emit
-from bt_fast.device import set_threads
+from bt_fast.device import threads_for
 from bt_fast.kernels import official_loss
 
 
@@ -131,8 +131,7 @@ def run(args) -> int:
     cfg = config.load(args.config, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default_threads = torch.get_num_threads()  # torch's choice: what the plain loop runs with
-    threads = set_threads(cfg, dist.Env(device=device))  # the trainer's (train.threads)
-    torch.set_num_threads(default_threads)  # interleaved() sets each contender's count
+    threads = threads_for(cfg, dist.Env(device=device)) or default_threads  # the trainer's
     run_, fast_views = contender(cfg, args.batch, device)
     size = fast_views[0].shape[-1]
     # the baseline: same initial weights, NCHW views with the same values
