@@ -96,6 +96,8 @@ def probe(cfg: config.Config, warmup: int, steps: int) -> dict:
         if run.env.distributed:  # every rank decides on the same numbers
             torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
             torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX)
+            dist.settle(elapsed)  # the last probe's reduce may be the run's last collective
+            dist.settle(wait)
         seconds = float(elapsed)
         return {"images_per_s": steps * cfg.data.batch_size / seconds,
                 "step_ms": 1e3 * seconds / steps, "data_wait": float(wait) / seconds,
