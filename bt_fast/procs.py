@@ -29,7 +29,12 @@ def run_workers(target: str, world: int, *args, timeout: float = 1800, env: dict
     """
     module, func = target.split(":")
     port = free_port()
-    code = f"import json, sys; from {module} import {func} as f; f(*json.loads(sys.argv[1]))"
+    # After a clean return the worker leaves with os._exit: its results are on disk, and
+    # skipping interpreter finalization means a gloo thread still letting go of a tensor
+    # cannot abort the process (see dist.settle). An exception still exits 1 with its
+    # traceback.
+    code = (f"import json, os, sys; from {module} import {func} as f; f(*json.loads(sys.argv[1])); "
+            "sys.stdout.flush(); sys.stderr.flush(); os._exit(0)")
     procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps([rank, world, port, *args])],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for rank in range(world)]
