@@ -16,6 +16,8 @@ What lives here, in the order a training run meets it:
   bf16 compression hook (the 8192-8192-8192 projector alone is ~151 M parameters, i.e.
   ~0.6 GB of fp32 gradients per step; bf16 halves the bytes on the wire).
 - ``StopFlag``: SIGTERM on any rank -> every rank stops after the same step.
+- ``settle``: before a rank exits, wait until gloo's worker thread has let go of the
+  last collective's tensor (otherwise the rank can abort during interpreter shutdown).
 """
 
 from __future__ import annotations
