@@ -90,17 +90,16 @@ def probe(cfg: config.Config, warmup: int, steps: int) -> dict:
                 if done == warmup + steps:
                     break
         _sync(run.env, out)
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        elapsed = time.perf_counter() - t0
         durations = timer.collect()
-        wait = torch.tensor([sum(durations.get("data_wait", [0.0]))], dtype=torch.float64)
+        # [elapsed, data wait] in seconds, one tensor: one reduce, one settle
+        times = torch.tensor([elapsed, sum(durations.get("data_wait", [0.0]))], dtype=torch.float64)
         if run.env.distributed:  # every rank decides on the same numbers
-            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
-            torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX)
-            dist.settle(elapsed)  # the last probe's reduce may be the run's last collective
-            dist.settle(wait)
-        seconds = float(elapsed)
+            torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+            dist.settle(times)  # the last probe's reduce may be the run's last collective
+        seconds, wait = times.tolist()
         return {"images_per_s": steps * cfg.data.batch_size / seconds,
-                "step_ms": 1e3 * seconds / steps, "data_wait": float(wait) / seconds,
+                "step_ms": 1e3 * seconds / steps, "data_wait": wait / seconds,
                 "loss_finite": bool(torch.isfinite(out["loss"]).item())}
     finally:
         del run

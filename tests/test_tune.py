@@ -3,7 +3,10 @@ overlay that `bt-fast train --overlay` loads."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,19 @@ def test_candidates():
     assert tune.candidates("precision", cfg, world=1, cuda=False) == ["bf16", "fp32"]
     assert tune.candidates("batch", cfg, world=4, cuda=False) == [256, 128, 512]
     assert tune.candidates("compile", cfg, world=1, cuda=False) == [False, True]
+
+
+def test_two_ranks_tune_the_bucket_and_exit_cleanly(smoke, tmp_path):
+    """Under torchrun every rank probes and the slowest rank's time decides (one
+    all-reduce per probe); the bucket knob, skipped in a world of one, is measured. Fault
+    handler on: a rank that aborts at exit (see dist.settle) prints its stacks."""
+    out = tmp_path / "tuned.yaml"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "bt_fast", "tune", "--config", str(smoke), "--knobs", "bucket",
+           "--steps", "1", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^dist\.bucket_cap_mb\s+(\d+)\s+([\d.]+)\s", proc.stdout, re.M)
+    assert sorted(int(v) for v, _ in rows) == [10, 25, 50, 100]  # rank 0 prints, once each
+    assert yaml.safe_load(out.read_text())["dist"]["bucket_cap_mb"] in {10, 25, 50, 100}
