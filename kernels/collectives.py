@@ -68,9 +68,10 @@ def all_gather_pair(a1: torch.Tensor, a2: torch.Tensor, group, gather_dtype) -> 
 
 # ---------------------------------------------------------------- autograd-aware
 # Three backward conventions, one per way a loss can depend on other ranks' rows.
-# Every loss in bt_fast.kernels gives each rank exactly d(global loss)/d(its own rows)
-# (README, "Gradient scale and world size"); which class gives that depends on what each rank
-# computes from the collective's output.
+# Every two-view loss in bt_fast.kernels gives each rank exactly d(global loss)/d(its own
+# rows) (README, "Gradient scale and world size"); which class gives that depends on what
+# each rank computes from the collective's output. The multi-crop losses (multicrop.py)
+# keep their official codes' W x convention instead, through ``RankMean``.
 
 
 class GatherRows(torch.autograd.Function):
@@ -126,6 +127,30 @@ class GlobalSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class RankMean(torch.autograd.Function):
+    """Mean over ranks of a per-rank loss; backward passes the gradient through unchanged.
+
+    The official multi-crop convention (SwAV, DINO): each rank's loss L_r is over its own
+    rows only (the codes / teacher targets carry no gradient), the global loss is
+    mean_r L_r, and d L_r / d x_r = W * d(global loss) / d x_r: every rank's rows get W
+    times the exact gradient, which DDP's average turns into the exact one. Forward: one
+    all-reduce of a scalar; backward: none.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group=None):
+        return all_reduce_sum_(x.clone(), group) / world_size(group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def rank_mean(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean over ranks of a per-rank loss, W x the exact gradient (``RankMean``); identity on one rank."""
+    return RankMean.apply(x, group) if world_size(group) > 1 else x
 
 
 def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:

@@ -182,3 +182,54 @@ def byol_loss_reference(p1, p2, z1, z2, *, group=None):
     z = torch.cat([collectives.gather_rows(z2.detach(), group), collectives.gather_rows(z1.detach(), group)])
     cos = (F.normalize(p, dim=1) * F.normalize(z.to(dtype), dim=1)).sum(1)  # [2N]
     return (2 - 2 * cos).sum() / (p.shape[0] // 2)
+
+
+# ---------------------------------------------------------------- multi-crop (SwAV, DINO)
+# The official codes' convention: every rank's rows get W x the exact gradient of the
+# global-batch loss (kernels/multicrop.py). The oracles evaluate the single-process
+# formula on the gathered global batch (exact gradient) and scale the gradient by W
+# with a value-preserving identity.
+
+
+def _w_times_gradient(loss: torch.Tensor, group) -> torch.Tensor:
+    """Same value; gradient W times (W loss - (W - 1) loss, the second term constant)."""
+    w = collectives.world_size(group)
+    return loss if w == 1 else w * loss - (w - 1) * loss.detach()
+
+
+def sinkhorn_reference(scores: torch.Tensor, *, epsilon=0.05, iters=3) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp on the whole batch [B, K], as the paper's appendix writes it
+    (Q is K x B): Q = exp(scores^T / epsilon) / total; ``iters`` times rows (prototypes) to
+    1/K, columns (samples) to 1/B; return B Q^T, whose rows sum to 1."""
+    q = torch.exp(scores.detach() / epsilon).T  # [K, B]
+    k, b = q.shape
+    q = q / q.sum()
+    for _ in range(iters):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).T
+
+
+def swav_loss_reference(scores, *, n_global=2, temperature=0.1, epsilon=0.05, iters=3, group=None):
+    """SwAV's swapped prediction on the global batch (all crops gathered), codes from
+    ``sinkhorn_reference``; W x gradient (see above)."""
+    dtype = torch.promote_types(scores[0].dtype, torch.float32)
+    s = [collectives.gather_rows(x, group).to(dtype) for x in scores]  # [N, K] each
+    loss = 0
+    for i in range(n_global):
+        q = sinkhorn_reference(s[i], epsilon=epsilon, iters=iters)
+        sub = [-(q * F.log_softmax(x / temperature, dim=1)).sum(dim=1).mean() for v, x in enumerate(s) if v != i]
+        loss = loss + sum(sub) / (len(s) - 1)
+    return _w_times_gradient(loss / n_global, group)
+
+
+def dino_loss_reference(student, teacher, center, *, student_temp=0.1, teacher_temp=0.04, group=None):
+    """DINO's loss on the global batch (all crops gathered): every student crop against
+    every other global crop's centred, sharpened teacher distribution; W x gradient."""
+    dtype = torch.promote_types(student[0].dtype, torch.float32)
+    x = [collectives.gather_rows(t, group).to(dtype) for t in student]
+    y = [collectives.gather_rows(t.detach(), group).to(dtype) for t in teacher]
+    p = [F.softmax((t - center.to(dtype)) / teacher_temp, dim=1) for t in y]
+    terms = [-(p[i] * F.log_softmax(x[v] / student_temp, dim=1)).sum(dim=1).mean()
+             for i in range(len(p)) for v in range(len(x)) if v != i]
+    return _w_times_gradient(sum(terms) / len(terms), group)
