@@ -12,12 +12,12 @@ the temp file is renamed over ``last.pt``. A killed run therefore leaves the old
 new checkpoint, never a torn one; a full disk leaves the previous checkpoint and no
 temp file; a ``last.pt`` that no longer loads (a copy gone wrong) falls back to
 ``prev.pt`` with a warning (``load_latest``). Temp files of killed runs are removed
-when the next run starts (``prepare``).
+when the next run starts (``prepare``), and only theirs: a temp file carries its
+writer's host and PID (bt_fast.safeio, the one gate every written file goes through).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import sys
@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from bt_fast.errors import CheckpointError, DiskFullError, RunDirError
+from bt_fast import safeio
+from bt_fast.errors import CheckpointError, DiskFullError, RunDirError, WriteError
 
 LAST, PREV = "last.pt", "prev.pt"
 WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile prefixes (see dist.unwrap)
@@ -63,86 +64,50 @@ def set_rng_state(state: dict) -> None:
 
 
 def prepare(run_dir: str | Path, clean: bool = True) -> Path:
-    """Create (or check) the checkpoint folder and remove temp files of killed runs.
+    """Create (or check) the checkpoint folder and remove temp files of dead writers.
 
-    Called by the one process that writes checkpoints, before training: a temp file
-    left by kill -9 belongs to no live writer then (``clean=False`` for checks that may
-    run beside a live job, e.g. a node joining an elastic one). An unwritable run folder
-    is one line (RunDirError) here rather than a traceback at the first checkpoint.
+    Called by the one process that writes checkpoints, before training (it holds the run
+    folder's lock, bt_fast.runlock). Only temp files whose writer is gone are removed
+    (``safeio.remove_stale_temps``: no such PID on this host), so even a start beside a
+    live writer deletes nothing of it; ``clean=False`` for checks that only probe (the
+    preflight). An unwritable run folder is one line (RunDirError) here rather than a
+    traceback at the first checkpoint.
     """
+    if not str(run_dir).strip():
+        raise RunDirError("train.run_dir is empty: set it to the folder this run writes "
+                          "(e.g. --set train.run_dir=runs/NAME); an empty one would write into "
+                          "the current folder")
     ckdir = checkpoint_dir(run_dir)
     try:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        probe = ckdir / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunDirError(f"run folder {run_dir} is not writable ({e.strerror or e}): "
+        safeio.make_dir(ckdir)
+        probe = safeio.write_atomic(ckdir / f".write-test.{os.getpid()}", b"", durable=False, sweep=False)
+        probe.unlink(missing_ok=True)
+    except (OSError, WriteError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise RunDirError(f"run folder {run_dir} is not writable ({reason}): "
                           "set train.run_dir to a folder you can write") from None
     if not clean:
         return ckdir
-    stale = sorted(ckdir.glob(f".{LAST}.tmp.*")) + sorted(ckdir.glob(f".{PREV}.tmp.*"))
-    for path in stale:
-        path.unlink(missing_ok=True)
+    stale = safeio.remove_stale_temps(ckdir)
     if stale:
         print(f"removed {len(stale)} temp file(s) of an interrupted checkpoint write in {ckdir}",
               file=sys.stderr)
     return ckdir
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _no_space(error: BaseException) -> bool:
-    """True if ENOSPC is anywhere in the chain (torch.save wraps the OSError)."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def save_atomic(obj: dict, path: str | Path, keep_previous: bool = False) -> None:
-    """torch.save to a temp file, fsync, (keep the old file as prev.pt,) rename, fsync.
+    """torch.save through the write gate (temp file, fsync, rename, fsync); with
+    ``keep_previous`` the current file is kept as prev.pt just before the rename.
 
     On any error the temp file is removed; a full disk becomes DiskFullError naming
     what survived.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    keep = (lambda p: safeio.keep_previous(p, p.with_name(PREV))) if keep_previous else None
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and path.is_file():
-            _keep_previous(path)
-        os.replace(tmp, path)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        if _no_space(e):
-            raise DiskFullError(f"disk full while writing {path}; {_survivor(path)}") from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def _keep_previous(path: Path) -> None:
-    """prev.pt := the current last.pt, without a moment where last.pt is missing."""
-    prev, tmp = path.with_name(PREV), path.with_name(f".{PREV}.tmp.{os.getpid()}")
-    try:
-        os.link(path, tmp)  # a second name for the same bytes: no copy
-        os.replace(tmp, prev)
-    except OSError:  # no hard links on this filesystem: a rename leaves prev.pt only briefly
-        tmp.unlink(missing_ok=True)
-        os.replace(path, prev)
+        safeio.write_atomic(path, lambda f: torch.save(obj, f), before_replace=keep)
+    except DiskFullError:
+        raise DiskFullError(f"disk full while writing {path}; {_survivor(path)}") from None
 
 
 def _survivor(path: Path) -> str:

@@ -3,6 +3,9 @@
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; only the chosen module is imported, so ``bt-fast --help`` is fast.
 A bad invocation or config exits 2 with one line; a failed run exits non-zero.
+Exit codes (bt_fast.errors): 2 bad input, 3 loss stayed non-finite, 4 out of memory,
+5 an operating-system error naming its path, 130 interrupted; a bug keeps its
+traceback (exit 1). ``BT_FAST_DEBUG=1`` prints the traceback of the one-line ones too.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from bt_fast.errors import EXIT_USER, USER_ERRORS, one_line
+from bt_fast.errors import EXIT_INTERRUPTED, way_out
 
 COMMANDS = {
     "train": ("bt_fast.train", "pretrain (Barlow Twins, VICReg, SimCLR, BYOL): bt-fast train --config PATH [--set k=v ...]"),
@@ -48,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
-    except USER_ERRORS as e:
-        print(one_line(name, e), file=sys.stderr)
-        return EXIT_USER
+    except KeyboardInterrupt:
+        print(f"bt-fast {name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - classify: user-caused -> one line, bug -> re-raise
+        return way_out(name, e)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from bt_fast import checkpoint, config, train
-from bt_fast.errors import EXIT_USER, USER_ERRORS, one_line
+from bt_fast.errors import way_out
 from bt_fast.pipelines import filelist
 from bt_fast.pipelines.loader import batches_per_epoch
 
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overlays = [s for path in args.overlay for s in config.read_overlay(path)]
         check(config.load(args.config, overlays + args.set), world)
-    except USER_ERRORS as e:
-        print(one_line("train", e), file=sys.stderr)
-        return EXIT_USER
+    except Exception as e:  # noqa: BLE001 - user-caused: one line and its code; a bug re-raises
+        return way_out("train", e)
     return 0
 
 

@@ -3,11 +3,13 @@ of this rank's device only, and the one prefix-stripping rule."""
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from bt_fast import checkpoint
+from bt_fast import checkpoint, safeio
 from bt_fast.errors import CheckpointError, DiskFullError, RunDirError
 
 
@@ -48,15 +50,30 @@ def test_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monk
     assert checkpoint.load(ckdir / "last.pt")["step"] == 7
 
 
-def test_stale_temp_files_are_removed_at_start(tmp_path, capsys):
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temp_files_are_removed_at_start_and_a_live_writers_kept(tmp_path, capsys):
     ckdir = checkpoint.checkpoint_dir(tmp_path)
     ckdir.mkdir(parents=True)
-    (ckdir / ".last.pt.tmp.12345").write_bytes(b"torn")
-    (ckdir / ".prev.pt.tmp.99").write_bytes(b"torn")
+    (ckdir / f".last.pt.tmp.{safeio.host()}.{dead_pid()}").write_bytes(b"torn")
+    (ckdir / f".prev.pt.tmp.{dead_pid()}").write_bytes(b"torn")  # an older name, no host
+    live = ckdir / f".last.pt.tmp.{safeio.host()}.{os.getpid()}"  # a live run's, being written
+    live.write_bytes(b"being written")
     (ckdir / "notes.txt").write_text("mine")
     checkpoint.prepare(tmp_path)
-    assert sorted(p.name for p in ckdir.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in ckdir.iterdir()) == sorted(["notes.txt", live.name])
     assert "removed 2 temp file(s)" in capsys.readouterr().err
+
+
+def test_empty_run_dir_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError, match="train.run_dir is empty"):
+        checkpoint.prepare("")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_run_folder_is_one_line(tmp_path):
