@@ -18,8 +18,9 @@ import yaml
 
 from bt_fast.errors import ConfigError
 from bt_fast.methods import METHODS
-from bt_fast.pipelines import presets
-from bt_fast.pipelines.spec import ViewSpec, expand
+from bt_fast.pipelines import bounds, presets
+from bt_fast.pipelines.bounds import bounded
+from bt_fast.pipelines.spec import MAX_SIDE, ViewSpec, expand
 from bt_fast.yamlconf import apply_overrides, build, parse_override, read_yaml, yaml_value
 
 
@@ -30,13 +31,13 @@ class DataConfig:
     reader = folder (no default dataset: configs/fmnist.yaml names Fashion-MNIST's)."""
     val_dir: str = ""
     """ImageFolder root of the held-out images (evaluation)."""
-    image_size: int = 224
+    image_size: int = bounded(224, ge=1, le=MAX_SIDE)
     """Default view side in pixels; a view with size 0 in ``views`` takes this."""
-    batch_size: int = 256
+    batch_size: int = bounded(256, ge=1, le=2**20)
     """GLOBAL batch size (all ranks); each rank reads batch_size / world_size."""
-    num_threads: int = 2
+    num_threads: int = bounded(2, ge=1, le=1024)
     """DALI CPU worker threads per rank."""
-    prefetch: int = 2
+    prefetch: int = bounded(2, ge=1, le=64)
     """DALI prefetch queue depth (batches)."""
     device: str = "auto"
     """Where DALI decodes and augments: auto | cpu | gpu (auto = gpu if CUDA)."""
@@ -50,7 +51,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"
     """torchvision ResNet: resnet18 | resnet34 | resnet50 | ..."""
-    width: int = 64
+    width: int = bounded(64, ge=1, le=4096)
     """Channels of the first stage (64 = torchvision's ResNet); smaller is cheaper."""
     small_stem: bool = False
     """3x3 stride-1 stem without max-pool, for 28-64 px images."""
@@ -100,25 +101,25 @@ MOVED = {"model.projector": "method.barlow_twins.projector", "loss.lambd": "meth
 
 @dataclass
 class OptimConfig:
-    lr_weights: float = 0.2
+    lr_weights: float = bounded(0.2, ge=0, le=1e3)
     """Peak LR of weights, per 256 images of global batch (official convention)."""
-    lr_biases: float = 0.0048
+    lr_biases: float = bounded(0.0048, ge=0, le=1e3)
     """Peak LR of biases and BN parameters, per 256 images of global batch."""
-    weight_decay: float = 1e-6
+    weight_decay: float = bounded(1e-6, ge=0, le=1)
     """As in the official code (the paper says 1.5e-6)."""
-    momentum: float = 0.9
+    momentum: float = bounded(0.9, ge=0, lt=1)
     """LARS momentum."""
-    eta: float = 0.001
+    eta: float = bounded(0.001, gt=0, le=1)
     """LARS trust coefficient."""
-    warmup_epochs: float = 10.0
+    warmup_epochs: float = bounded(10.0, ge=0, le=1e6)
     """Linear warm-up length in epochs."""
-    epochs: float = 1000.0
+    epochs: float = bounded(1000.0, gt=0, le=1e6)
     """Schedule length in epochs (cosine to 0.001x of peak at the end)."""
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 0
+    max_steps: int = bounded(0, ge=0, le=2**40)
     """Stop after this many steps (0 = run the whole schedule)."""
     precision: str = "bf16"
     """fp32 | bf16 | fp16 (fp16 uses a GradScaler, whose inf check syncs every step)."""
@@ -126,15 +127,15 @@ class TrainConfig:
     """Run the backbone in channels-last memory format."""
     compile: bool = False
     """torch.compile the step's model (the DDP wrapper when distributed)."""
-    threads: int = 0
+    threads: int = bounded(0, ge=0, le=4096)
     """torch CPU threads per rank; 0 = auto (a CPU run: its share of the cores, >= 1)."""
     deterministic: bool = False
     """GPU: deterministic cuDNN/torch kernels instead of autotuned ones (slower)."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**31 - 1)
     """Seeds torch and DALI (each rank's DALI seed is derived from it and the rank)."""
-    log_every: int = 10
+    log_every: int = bounded(10, ge=1, le=2**31 - 1)
     """Steps between metric logs (the only host<->device sync points)."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = bounded(500, ge=0, le=2**31 - 1)
     """Steps between checkpoints (0 = only at the end)."""
     run_dir: str = "runs/default"
     """Folder for config.yaml, metrics.jsonl and checkpoints/."""
@@ -142,7 +143,7 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    bucket_cap_mb: int = 25
+    bucket_cap_mb: int = bounded(25, ge=1, le=2**16)
     """DDP gradient bucket size."""
     grad_compression: str = "none"
     """none | bf16 (DDP communication hook)."""
@@ -154,7 +155,7 @@ class DistConfig:
 class MetricsConfig:
     prometheus: bool = False
     """Serve Prometheus metrics from every rank."""
-    port: int = 9400
+    port: int = bounded(9400, ge=1, le=65535)
     """Rank r serves on port + local_rank."""
     host: str = "127.0.0.1"
     """Bind address of the exporter."""
@@ -183,7 +184,13 @@ def resolved_views(cfg: Config) -> List[ViewSpec]:
 
 
 def validate(cfg: Config) -> None:
-    """Values the types allow but the trainer cannot use; ConfigError naming the key."""
+    """Values the types allow but the trainer cannot use; ConfigError naming the key.
+
+    Checked: every numeric field against the range declared next to it (a negative lr,
+    a momentum of 5, a crop scale of [0, 0] or reversed, a zero std, NaN), the choices of
+    the string fields and the method's view count. The global batch against the world
+    size is bt_fast.train.check_data's (the world size is known only at launch).
+    """
     if cfg.method.name not in METHODS:  # set in code after construction
         raise ConfigError(f"method.name={cfg.method.name!r}: choose one of {', '.join(METHODS)}")
     method = METHODS[cfg.method.name]
@@ -197,17 +204,10 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
-    positive = {"data.batch_size": cfg.data.batch_size, "data.num_threads": cfg.data.num_threads,
-                "data.prefetch": cfg.data.prefetch, "train.log_every": cfg.train.log_every,
-                "optim.epochs": cfg.optim.epochs}
-    non_negative = {"train.max_steps": cfg.train.max_steps, "train.checkpoint_every": cfg.train.checkpoint_every,
-                    "optim.warmup_epochs": cfg.optim.warmup_epochs, "train.threads": cfg.train.threads}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value}: must be positive")
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value}: must not be negative")
+    # Every numeric field declares its range beside its definition (bounded(...));
+    # one generic walk checks them all, so a new field cannot be forgotten here.
+    for problem in bounds.problems(cfg):
+        raise ConfigError(problem)
 
 
 def from_dict(values: dict, source: str = "<dict>", method: Optional[str] = None) -> Config:

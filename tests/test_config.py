@@ -1,5 +1,7 @@
 """Config: defaults < YAML < --set, strict keys and types, YAML's traps, exit code 2."""
 
+import re
+
 import pytest
 
 from bt_fast import config
@@ -39,7 +41,7 @@ def yaml_reads_string(text):
     ("train:\n  channels_last: 1\n", "train.channels_last: expected bool"),
     ("optim:\n  epochs: 1\n  epochs: 2\n", "duplicate key 'epochs'"),
     ("method:\n  barlow_twins:\n    projector: [1, 2]\n", "method.barlow_twins.projector: expected str"),
-    ("views:\n  - {flip_p: 2.0}\n", "not a probability"),
+    ("views:\n  - {flip_p: 2.0}\n", "views[0]: flip_p=2.0: must be in [0, 1]"),
     ("bogus:\n  x: 1\n", "unknown key 'bogus'"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, needle):
@@ -89,12 +91,12 @@ def test_bad_override_paths_are_config_errors(sets, needle):
 
 
 @pytest.mark.parametrize("item, needle", [
-    ("train.log_every=0", "train.log_every=0: must be positive"),
-    ("data.batch_size=0", "data.batch_size=0: must be positive"),
-    ("train.checkpoint_every=-1", "must not be negative"),
+    ("train.log_every=0", "train.log_every=0: must be in [1, "),
+    ("data.batch_size=0", "data.batch_size=0: must be in [1, "),
+    ("train.checkpoint_every=-1", "train.checkpoint_every=-1: must be in [0, "),
     ("dist.grad_compression=fp8", "dist.grad_compression='fp8'"),
     ("method.barlow_twins.impl=fast", "impl='fast'"),
 ])
 def test_trainer_rejects_meaningless_values(item, needle):
-    with pytest.raises(config.ConfigError, match=needle):
+    with pytest.raises(config.ConfigError, match=re.escape(needle)):
         config.validate(config.load(None, [item]))

@@ -87,7 +87,7 @@ def test_views_left_to_the_method_are_its_preset(tmp_path):
 @pytest.mark.parametrize("sets, needle", [
     (["method.name=moco"], "name='moco': choose one of barlow_twins, vicreg, simclr, byol"),
     (["method.vicreg.impl=dense"], "method.vicreg: impl='dense'"),
-    (["method.simclr.temperature=0"], "temperature=0.0: must be positive"),
+    (["method.simclr.temperature=0"], "method.simclr: temperature=0.0: must be in (0, 100]"),
     (["method.byol.predictor=64-32"], "must end in the projector's size 256"),
     (["method.byol.base_tau=1.5"], "base_tau=1.5"),
     (["method.vicreg.projector=8k"], "expected dash-separated integers"),

@@ -19,20 +19,22 @@ from bt_fast.backbone import parse_widths
 from bt_fast.kernels import barlow_twins_loss, official_loss
 from bt_fast.kernels.loss import IMPLS
 from bt_fast.methods.base import Method, check_heads
+from bt_fast.pipelines.bounds import bounded, check
 
 
 @dataclass
 class BarlowTwinsConfig:
     projector: str = "8192-8192-8192"
     """Projector widths, dash separated; the last is the embedding size D."""
-    lambd: float = 0.0051
+    lambd: float = bounded(0.0051, ge=0, le=1e3)
     """Weight of the off-diagonal (redundancy-reduction) term."""
-    eps: float = 1e-5
+    eps: float = bounded(1e-5, gt=0, le=1)
     """Inside the sqrt of the per-feature batch variance."""
     impl: str = "auto"
     """reference | dense | gram | auto (see bt_fast.kernels)."""
 
     def __post_init__(self):
+        check(self)  # each number against the range declared beside it
         check_heads(self.projector, self.impl, IMPLS)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from bt_fast.backbone import parse_widths
 from bt_fast.kernels import byol_loss, byol_loss_reference
 from bt_fast.methods.base import Method
+from bt_fast.pipelines.bounds import bounded, check
 
 
 @dataclass
@@ -35,15 +36,14 @@ class BYOLConfig:
     """Projector widths (hidden-output), dash separated; the last is the embedding size."""
     predictor: str = "4096-256"
     """Predictor widths; its output size must equal the projector's."""
-    base_tau: float = 0.996
+    base_tau: float = bounded(0.996, ge=0, le=1)
     """Target moving-average rate at step 0; it rises to 1 on a cosine over the schedule."""
 
     def __post_init__(self):
+        check(self)  # each number against the range declared beside it
         proj, pred = parse_widths(self.projector, "projector"), parse_widths(self.predictor, "predictor")
         if proj[-1] != pred[-1]:
             raise ValueError(f"predictor={self.predictor!r} must end in the projector's size {proj[-1]}")
-        if not 0.0 <= self.base_tau <= 1.0:
-            raise ValueError(f"base_tau={self.base_tau}: must be in [0, 1]")
 
 
 def target_tau(base_tau: float, step: int, total_steps: int) -> float:

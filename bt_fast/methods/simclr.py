@@ -17,19 +17,19 @@ from dataclasses import dataclass
 
 from bt_fast.kernels import nt_xent_loss, nt_xent_loss_reference
 from bt_fast.methods.base import Method, check_heads
+from bt_fast.pipelines.bounds import bounded, check
 
 
 @dataclass
 class SimCLRConfig:
     projector: str = "2048-2048-128"
     """Projection-head widths, dash separated; the last is the embedding size."""
-    temperature: float = 0.1
+    temperature: float = bounded(0.1, gt=0, le=100)
     """Softmax temperature of NT-Xent."""
 
     def __post_init__(self):
+        check(self)  # each number against the range declared beside it
         check_heads(self.projector)
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature}: must be positive")
 
 
 class SimCLR(Method):

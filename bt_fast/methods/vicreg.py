@@ -19,24 +19,26 @@ from dataclasses import dataclass
 
 from bt_fast.kernels import VICREG_IMPLS, vicreg_loss
 from bt_fast.methods.base import Method, check_heads
+from bt_fast.pipelines.bounds import bounded, check
 
 
 @dataclass
 class VICRegConfig:
     projector: str = "8192-8192-8192"
     """Expander widths, dash separated (official --mlp); the last is the embedding size D."""
-    sim_coeff: float = 25.0
+    sim_coeff: float = bounded(25.0, ge=0, le=1e4)
     """Weight of the invariance term (lambda in the paper)."""
-    std_coeff: float = 25.0
+    std_coeff: float = bounded(25.0, ge=0, le=1e4)
     """Weight of the variance term (mu in the paper)."""
-    cov_coeff: float = 1.0
+    cov_coeff: float = bounded(1.0, ge=0, le=1e4)
     """Weight of the covariance term (nu in the paper)."""
-    eps: float = 1e-4
+    eps: float = bounded(1e-4, gt=0, le=1)
     """Inside the sqrt of the per-feature (unbiased) batch variance."""
     impl: str = "auto"
     """reference (forms the D x D covariances) | gram | auto (see bt_fast.kernels)."""
 
     def __post_init__(self):
+        check(self)  # each number against the range declared beside it
         check_heads(self.projector, self.impl, VICREG_IMPLS)
 
 
