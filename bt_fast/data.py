@@ -60,7 +60,7 @@ def _candidates(root: Path) -> dict[str, list[str]]:
     if not folders:
         raise DataError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
     return {c: [str(f.relative_to(root)) for f in sorted((root / c).rglob("*"))
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES] for c in folders}
+                if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES] for c in folders}
 
 
 def _printable(rel: str) -> str:
@@ -80,9 +80,11 @@ def check_folder(root: Path, out=None) -> int:
     total = sum(len(v) for v in candidates.values())
     good: dict[str, list[str]] = {}
     bad = done = 0
+    inside = filelist.RootGuard(root, follow_files=True)  # the reader's own rules, and DALI's
     for folder, rels in candidates.items():
         for rel in rels:
-            reason = filelist.name_problem(rel) or filelist.image_problem(root / rel)
+            reason = (filelist.name_problem(rel) or inside.problem(rel)
+                      or filelist.image_problem(root / rel))
             if reason is None:
                 good.setdefault(folder, []).append(rel)
             else:

@@ -150,9 +150,9 @@ def metric_plots(records: list[dict], out: Path, title: str) -> list[Path]:
 def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
     """Two augmented views [B, 3, H, W] of up to ``batch`` images spread over val_dir."""
     import torch
-    from PIL import Image
 
     from bt_fast import config
+    from bt_fast.pipelines.images import load_rgb
     from bt_fast.pipelines.spec import expand
     from bt_fast.pipelines.torchvision_recipe import view_transform
 
@@ -165,7 +165,7 @@ def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
     torch.manual_seed(seed)
     random.seed(seed)  # the recipe's blur and solarization draw from Python's RNG
     tfs = [view_transform(s) for s in specs]
-    images = [Image.open(f).convert("RGB") for f in files]
+    images = [load_rgb(f) for f in files]  # the read gate: pixel limit, DALI's formats
     return [torch.stack([tf(im) for im in images]) for tf in tfs]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class FileList:
     classes: list[str]
     raw: bytes = field(repr=False)
     """The list file's bytes, as hashed into fingerprints."""
+    checked: bool = False
+    """True if ``data check`` wrote this very list (its STAMP matches): its images were
+    decoded under the read gate's rules then. False for a list made or edited by hand."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,10 +52,13 @@ class FileList:
 
 
 def read(root: str | os.PathLike) -> FileList:
-    """Parse ``ROOT/filelist.txt`` (and ``ROOT/classes.txt`` when present).
+    """Parse ``ROOT/filelist.txt`` (and ``ROOT/classes.txt`` when present): the read gate.
 
-    Blank lines are skipped; anything else that is not "path label" raises
-    SourceError naming the file and line.
+    Blank lines are skipped; every other line must be "relative/path label" with a path
+    that stays inside ROOT (no absolute path, no ``..``, no folder or file symlink that
+    leads out of it: see :func:`escapes`) and a label that indexes classes.txt. Anything
+    else raises SourceError naming the file and line. Lines end at ``\n`` only, so a
+    name holding another Unicode line break cannot split an entry.
     """
     root = Path(root)
     listing = root / FILELIST
@@ -60,24 +67,111 @@ def read(root: str | os.PathLike) -> FileList:
     if not listing.is_file():
         raise SourceError(f"{root}: no {FILELIST}; run `bt-fast data check {root}` to validate "
                             "the images and write it")
-    raw = listing.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{listing}: not UTF-8 ({e}); re-run `bt-fast data check {root}`") from None
+    raw = _read_bytes(listing)
+    text = _utf8(raw, listing, root)
+    classes = []
+    if (root / CLASSES).is_file():
+        classes = [c for c in _utf8(_read_bytes(root / CLASSES), root / CLASSES, root).split("\n") if c]
+    checked = _stamp_matches(root, raw)
+    inside = RootGuard(root, follow_files=not checked)
     paths, labels = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         path, _, label = line.rpartition(" ")
-        if not path or not label.isdigit():
-            raise SourceError(f"{listing}:{n}: expected 'relative/path label', got {line!r}")
+        if not path or not (label.isascii() and label.isdigit()):
+            raise SourceError(f"{listing}:{n}: expected 'relative/path label', got {line[:120]!r}")
+        why = name_problem(path) or inside.problem(path)
+        if why:
+            raise SourceError(f"{listing}:{n}: {path[:120]!r}: {why}")
+        y = int(label)
+        if y >= (len(classes) if classes else MAX_LABEL):
+            raise SourceError(f"{listing}:{n}: label {label[:20]} is out of range: "
+                              + (f"{CLASSES} lists {len(classes)} classes (0-{len(classes) - 1})"
+                                 if classes else f"labels must be below {MAX_LABEL}"))
         paths.append(path)
-        labels.append(int(label))
-    classes = []
-    if (root / CLASSES).is_file():
-        classes = [c for c in (root / CLASSES).read_text(encoding="utf-8").splitlines() if c]
-    return FileList(root, paths, labels, classes, raw)
+        labels.append(y)
+    return FileList(root, paths, labels, classes, raw, checked)
+
+
+MAX_LABEL = 2**31 - 1  # labels travel as int32 through DALI
+MAX_LIST_BYTES = 1 << 30  # 1 GiB: ~20 M entries; a larger "list" is something else
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_LIST_BYTES + 1)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    if len(raw) > MAX_LIST_BYTES:
+        raise SourceError(f"{path}: larger than {MAX_LIST_BYTES >> 30} GiB; not a file list")
+    return raw
+
+
+def _utf8(raw: bytes, path: Path, root: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 (byte {e.start}); re-run `bt-fast data check {root}`") from None
+
+
+class RootGuard:
+    """Whether listed paths stay inside ``root`` once links are followed.
+
+    Each folder's real path is computed once (a list has few folders). Files are
+    lstat()ed for a symlink only when ``follow_files`` (a list ``data check`` did not
+    write, see STAMP): one lstat per file, ~10 us, is the price of a hand-made list.
+    """
+
+    def __init__(self, root: Path, follow_files: bool):
+        self.real = os.path.realpath(root)
+        self.follow_files = follow_files
+        self.dirs: dict[str, bool] = {}
+
+    def _within(self, real: str) -> bool:
+        return real == self.real or real.startswith(self.real.rstrip(os.sep) + os.sep)
+
+    def problem(self, rel: str) -> str | None:
+        if os.path.isabs(rel) or rel.startswith(("/", "\\")):
+            return "an absolute path; entries are relative to the data root"
+        if ".." in rel.replace("\\", "/").split("/"):
+            return "'..' leads out of the data root"
+        full = os.path.join(self.real, rel)
+        parent = os.path.dirname(full)
+        if parent not in self.dirs:
+            self.dirs[parent] = self._within(os.path.realpath(parent))
+        if not self.dirs[parent]:
+            return "its folder is a link that leads out of the data root"
+        if self.follow_files:
+            try:
+                is_link = stat.S_ISLNK(os.lstat(full).st_mode)
+            except OSError:
+                return None  # missing: reported where it is read, with its own reason
+            if is_link and not self._within(os.path.realpath(full)):
+                return "a symlink that leads out of the data root"
+        return None
+
+
+STAMP = "filelist.checked"
+"""``ROOT/filelist.checked``: the SHA-256 of the filelist.txt that :func:`write` wrote. A
+list it matches was made by ``data check`` (or bt-fast's own preparation), whose files
+were decoded under the read gate's rules; any other list (made by hand, edited) is
+checked header by header where it is read for training (see :func:`unchecked_problem`)."""
+
+
+def _stamp_matches(root: Path, raw: bytes) -> bool:
+    try:
+        stamp = (root / STAMP).read_bytes()[:200].decode("ascii", "replace").strip()
+    except OSError:
+        return False
+    return stamp == hashlib.sha256(raw).hexdigest()
+
+
+def stamp_text(entries_text: str) -> str:
+    """What ``ROOT/filelist.checked`` holds for a list whose text is ``entries_text``."""
+    return hashlib.sha256(entries_text.encode("utf-8")).hexdigest() + "\n"
 
 
 def write(root: str | os.PathLike, entries: list[tuple[str, int]], classes: list[str]) -> None:
@@ -87,8 +181,9 @@ def write(root: str | os.PathLike, entries: list[tuple[str, int]], classes: list
     file is removed and the previous list, if any, stays in place.
     """
     root = Path(root)
-    for name, text in ((FILELIST, "".join(f"{p} {y}\n" for p, y in entries)),
-                       (CLASSES, "".join(f"{c}\n" for c in classes))):
+    listing = "".join(f"{p} {y}\n" for p, y in entries)
+    for name, text in ((FILELIST, listing), (CLASSES, "".join(f"{c}\n" for c in classes)),
+                       (STAMP, stamp_text(listing))):
         tmp = root / f".{name}.tmp.{os.getpid()}"
         try:
             tmp.write_text(text, encoding="utf-8")
@@ -98,21 +193,26 @@ def write(root: str | os.PathLike, entries: list[tuple[str, int]], classes: list
 
 
 def image_problem(path: str | os.PathLike) -> str | None:
-    """None if the file exists and fully decodes (PIL), else the reason.
+    """None if the file is an image the pipeline can read and fully decodes, else why.
 
-    ``data check`` runs it on every file; the DALI reader runs it to name the file
-    that stopped a pipeline (DALI's decoder error names none).
+    The rules of pipelines/images.py (DALI's formats, the pixel limit) and a full decode
+    (catches truncated files that verify() misses). ``data check`` runs it on every file;
+    the DALI reader runs it to name the file that stopped a pipeline (DALI names none).
     """
-    from PIL import Image  # the decoder: only the checks need it
+    from .images import open_image
 
     try:
+        if not os.path.isfile(path):
+            return "file not found" if not os.path.lexists(path) else "not a regular file"
         if os.stat(path).st_size == 0:
             return "empty file"
-        with Image.open(path) as im:
-            im.load()  # full decode: catches truncated files that verify() misses
+        with open_image(path) as im:
+            im.load()
         return None
-    except FileNotFoundError:
-        return "file not found"
+    except SourceError as e:
+        return str(e).removeprefix(f"{path}: ")
+    except OSError as e:
+        return e.strerror or f"{type(e).__name__}: {e}"
     except Exception as e:  # PIL raises many types for bad data
         return f"{type(e).__name__}: {e}"
 
@@ -128,6 +228,6 @@ def name_problem(rel: str) -> str | None:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return "file name is not valid UTF-8 (rename the file)"
-    if "\n" in rel or "\r" in rel:
-        return "file name contains a line break (rename the file)"
+    if any(ord(c) < 32 or c == "\x7f" for c in rel) or "\u2028" in rel or "\u2029" in rel:
+        return "file name contains a line break or control character (rename the file)"
     return None

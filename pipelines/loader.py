@@ -166,9 +166,10 @@ class MultiViewLoader:
             if not found:
                 raise  # no listed file is bad: not a data problem, keep DALI's error
             path, reason = found
-            raise SourceError(f"{path}: {reason}; it is listed in {self.source.root / FILELIST} but "
-                              f"became unreadable after `bt-fast data check` (the data pipeline "
-                              f"stopped in epoch {self.epoch}, batch {self._pos})") from None
+            where = (f"it is listed in {self.source.root / FILELIST} but became unreadable after "
+                     "`bt-fast data check`" if hasattr(self.source, "root") else "it changed since the run started")
+            raise SourceError(f"{path}: {reason}; {where} (the data pipeline stopped in epoch "
+                              f"{self.epoch}, batch {self._pos})") from None
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out: DALI checkpoint + metadata.

@@ -21,6 +21,7 @@ from nvidia.dali import fn, types
 from . import filelist
 from .errors import SourceError
 from .filelist import FILELIST, image_problem
+from .images import header_problem
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 SIZE_SAMPLE = 256  # files whose sizes enter a folder's fingerprint
 SHUFFLE_BUFFER = 1024  # DALI's default initial_fill: samples shuffled together
@@ -58,6 +59,20 @@ class FolderSource:
             digest.update(f"{size}\n".encode())
         self._sha = digest.hexdigest()
         self._hashes = None
+        if not self.list.checked:
+            self._check_headers()
+
+    def _check_headers(self) -> None:
+        """A list ``data check`` did not write (made or edited by hand): every file's
+        header under the read gate's rules (pipelines/images.py) before DALI decodes any,
+        since DALI's decoder has no pixel limit and stops on a format it cannot read.
+        Cost: one header read per file, in threads (PIL releases the GIL on I/O)."""
+        files = [self.root / p for p in self.paths]
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            for path, why in zip(files, pool.map(header_problem, files, chunksize=64)):
+                if why:
+                    raise SourceError(f"{path}: {why} (listed in {self.root / FILELIST}, which "
+                                      f"`bt-fast data check {self.root}` did not write)")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -134,15 +149,44 @@ class WebDatasetSource:
         for p in self.paths:
             if not os.path.isfile(p):
                 raise SourceError(f"{p}: WebDataset shard not found")
-            with tarfile.open(p) as tar:
-                for m in tar:
-                    base = os.path.basename(m.name)
-                    key, _, ext = base.partition(".")
-                    digest.update(f"{key}.{ext}:{m.size}\n".encode())
-                    count += ext.lower() in IMAGE_EXTS
+            for name, size in self._members(p):
+                key, _, ext = os.path.basename(name).partition(".")
+                digest.update(f"{key}.{ext}:{size}\n".encode())
+                count += ext.lower() in IMAGE_EXTS
         if count == 0:
             raise SourceError(f"no .jpg/.jpeg/.png members in {self.paths}")
         self.count, self._sha = count, digest.hexdigest()
+
+    @staticmethod
+    def _members(path: str) -> list[tuple[str, int]]:
+        """(name, size) of every member of one shard; SourceError naming it if it is not a
+        whole tar file. Python's tarfile stops quietly at a cut-off header, so the archive
+        must also end properly: a zero block (the end marker) where the next header would
+        be, or the file ends exactly after the last member's data (no marker written)."""
+        try:
+            with tarfile.open(path) as tar:
+                members = [(m.name, m.size) for m in tar]
+                end = tar.offset
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                f.seek(end)
+                block = f.read(512)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise SourceError(f"{path}: not a readable tar shard ({type(e).__name__}: {e})") from None
+        if size < end or (block and (len(block) < 512 or any(block))):
+            raise SourceError(f"{path}: truncated tar shard (its members end at byte {end} of {size}); "
+                              "re-create or re-copy it")
+        return members
+
+    def find_unreadable(self, **_) -> tuple[str, str] | None:
+        """(shard, reason) of a shard that stopped the DALI reader (cut off since it was
+        scanned), or None; the loader calls it when the pipeline fails (see FolderSource)."""
+        for p in self.paths:
+            try:
+                self._members(p)
+            except SourceError as e:
+                return p, str(e).removeprefix(f"{p}: ")
+        return None
 
     def __len__(self) -> int:
         return self.count

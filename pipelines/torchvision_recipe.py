@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from . import filelist
+from .images import load_rgb
 from .spec import ViewSpec, expand
 
 _INTERP = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
@@ -85,5 +86,4 @@ class FileListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.items[i]
-        with Image.open(self.root / path) as img:
-            return self.transform(img.convert("RGB")), label
+        return self.transform(load_rgb(self.root / path)), label  # the read gate's rules

@@ -125,4 +125,4 @@ def test_full_disk_while_writing_the_list_is_one_line_and_leaves_no_temp(tmp_pat
     assert "disk full while writing the file list" in capsys.readouterr().err
     monkeypatch.undo()
     assert (root / "filelist.txt").read_text() == before
-    assert sorted(p.name for p in root.iterdir() if p.is_file()) == ["classes.txt", "filelist.txt"]
+    assert sorted(p.name for p in root.iterdir() if p.is_file()) == ["classes.txt", "filelist.checked", "filelist.txt"]

@@ -49,5 +49,5 @@ def test_subset_comes_from_train_and_is_disjoint_from_val(tmp_path):
     files = {(subset.root / p).resolve() for p in subset.paths}
     assert files.isdisjoint({(val.root / p).resolve() for p in val.paths})
     assert all(f.is_relative_to((root / "train").resolve()) for f in files)
-    with pytest.raises(EvalError, match="also in val"):
+    with pytest.raises(EvalError, match="are also in val"):
         check_disjoint(ImageList(root / "val", None), val)

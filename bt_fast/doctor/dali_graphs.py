@@ -11,11 +11,15 @@ from pathlib import Path
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
+from bt_fast.pipelines import filelist
+
 
 @pipeline_def
 def decode_resize(root: str, size: int, device: str):
     """Files in ``root/filelist.txt`` order -> uint8 HWC [size, size, 3]; `mixed` decode on GPU."""
-    jpegs, _ = fn.readers.file(file_root=root, file_list=str(Path(root) / "filelist.txt"),
+    # The list goes through the one parser (the read gate), not DALI's file_list reader.
+    listing = filelist.read(root)
+    jpegs, _ = fn.readers.file(files=[str(Path(root) / p) for p in listing.paths], labels=listing.labels,
                                random_shuffle=False, name="Reader")
     images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
     return fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=False)

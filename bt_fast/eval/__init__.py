@@ -22,8 +22,6 @@ import os
 import time
 from pathlib import Path
 
-from bt_fast.data import read_file_list
-from bt_fast.errors import DataError
 from bt_fast.eval.features import (EvalError, ImageList, Prep, bf16_default, default_cache_dir,
                                    eval_transform, extract, load_backbone, module_device, split_features,
                                    stderr_log)
@@ -32,6 +30,8 @@ from bt_fast.eval.linear import linear_probe
 from bt_fast.eval.pixels import load_pixels
 from bt_fast.eval.readout import apply_readout
 from bt_fast.eval.semi import balanced_subset, finetune
+from bt_fast.eval.splits import check_splits
+from bt_fast.pipelines.bounds import Range
 
 __all__ = ["add_arguments", "run", "knn_eval", "knn_accuracy", "linear_probe", "balanced_subset",
            "finetune", "load_backbone", "split_features"]
@@ -49,7 +49,7 @@ def knn_eval(backbone, cfg, *, train_dir: str | None = None, val_dir: str | None
     bf16 = bf16_default(precision)
     feats = []
     train_dir, val_dir = train_dir or cfg.data.train_dir, val_dir or cfg.data.val_dir
-    same_classes(train_dir, val_dir)
+    check_splits(train_dir, val_dir)  # memoised: the trainer asks at every eval
     try:
         for root in (train_dir, val_dir):
             dataset = ImageList(root, eval_transform(cfg))
@@ -97,7 +97,7 @@ def add_arguments(parser) -> None:
     _pixels_arguments(p)
     p = sub.add_parser("semi", help="fine-tune backbone + classifier on a balanced 1%%/10%% subset")
     _common(p)
-    p.add_argument("--percent", type=float, required=True, choices=[1.0, 10.0],
+    p.add_argument("--percent", type=float, required=True, metavar="{1,10}",
                    help="labelled fraction of train: 1 or 10")
     p.add_argument("--epochs", type=int, default=20, help="default 20 (official)")
     p.add_argument("--batch-size", type=int, default=256,
@@ -113,6 +113,26 @@ def _pixels_arguments(p) -> None:
                         "transform and protocol; data settings from --checkpoint or --config)")
     p.add_argument("--config", help="with --pixels and no --checkpoint: the recipe whose data "
                                     "dirs, image size and normalisation to use")
+
+
+FLAG_RANGES = {"k": Range(lo=1), "temperature": Range(lo=0, lo_open=True), "epochs": Range(lo=1),
+               "batch_size": Range(lo=1), "extract_batch": Range(lo=1), "workers": Range(lo=0, hi=1024),
+               "seed": Range(lo=0, hi=2**32 - 1), "lr": Range(lo=0), "lr_backbone": Range(lo=0),
+               "lr_classifier": Range(lo=0), "weight_decay": Range(lo=0)}
+"""Valid values of the numeric flags (the same Range the config fields declare)."""
+
+
+def check_flags(args) -> None:
+    """EvalError naming the first numeric flag outside its range (``--k 0``, ``--epochs -1``,
+    ``--batch-size 0``, ``--percent 0``, NaN), before any data is read."""
+    for name, rng in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        why = rng.problem(value) if value is not None else None
+        if why:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise EvalError(f"--{name.replace('_', '-')} {shown}: {why}")
+    if getattr(args, "percent", None) is not None and args.percent not in (1.0, 10.0):
+        raise EvalError(f"--percent {args.percent:g}: choose 1 or 10 (the official label fractions)")
 
 
 def _load(args):
@@ -140,29 +160,8 @@ def _dirs(args, loaded) -> tuple[str, str]:
         if not Path(d, "filelist.txt").is_file():
             raise EvalError(f"{name} dir {d}: no filelist.txt (prepare it with `bt-fast data ...`, "
                             f"or pass --{name}-dir)")
-    if Path(train).resolve() == Path(val).resolve():
-        raise EvalError(f"train and val are the same folder ({train}); evaluation needs held-out val")
-    same_classes(train, val)
+    check_splits(train, val)  # same folder, other classes or shared images: refused
     return train, val
-
-
-def same_classes(train_dir, val_dir) -> list[str]:
-    """The class list both splits share; EvalError when they differ.
-
-    Labels are indices into each split's classes.txt, so two different lists make
-    label k mean two different classes and every accuracy silently wrong.
-    """
-    try:
-        train, val = read_file_list(train_dir)[2], read_file_list(val_dir)[2]
-    except DataError as e:
-        raise EvalError(str(e)) from None
-    if train != val:
-        only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        diff = (f"only in train: {', '.join(only_t) or '-'}; only in val: {', '.join(only_v) or '-'}"
-                if only_t or only_v else "same names in another order")
-        raise EvalError(f"train {train_dir} and val {val_dir} have different classes ({diff}); "
-                        "labels would not match: re-run `bt-fast data check` on both or fix the folders")
-    return train
 
 
 def _features(args, loaded, train_dir, val_dir, log):
@@ -205,6 +204,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     log = None if args.quiet or args.json else stderr_log
     protocol = {"knn": _knn, "linear": _linear, "semi": _semi}[args.protocol]
+    check_flags(args)
     loaded = _load(args)
     train_dir, val_dir = _dirs(args, loaded)
     acc, extra = protocol(args, loaded, train_dir, val_dir, log)

@@ -32,7 +32,8 @@ from torchvision import transforms
 from bt_fast import checkpoint
 from bt_fast.config import Config, from_dict
 from bt_fast.data import read_file_list
-from bt_fast.errors import DataError, EvalError
+from bt_fast.errors import USER_ERRORS, DataError, EvalError
+from bt_fast.pipelines.images import load_rgb
 from bt_fast.backbone import build_backbone
 
 CACHE_VERSION = 1
@@ -187,8 +188,7 @@ class ImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.root / self.paths[i]) as im:
-            img = im.convert("RGB")
+        img = load_rgb(self.root / self.paths[i])  # pixel limit, DALI's formats; SourceError naming it
         return self.transform(img), self.labels[i]
 
 
@@ -219,7 +219,7 @@ def extract(module: nn.Module, dataset: Dataset, prep: Prep, *, batch_size: int 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     feats, labels = [], []
     t0, done = time.perf_counter(), 0
-    for x, y in loader:
+    for x, y in batches(loader):
         with autocast_for(module, bf16):
             f = module(prep(x))  # [B, D]
         feats.append(f.float().cpu())  # the bank stays in host memory (kNN chunks over it)
@@ -228,6 +228,29 @@ def extract(module: nn.Module, dataset: Dataset, prep: Prep, *, batch_size: int 
         if log and done % (batch_size * 40) < batch_size:
             log(f"  features {done}/{len(dataset)} ({done / (time.perf_counter() - t0):.0f} img/s)")
     return torch.cat(feats), torch.cat(labels).long()
+
+
+def batches(loader: DataLoader):
+    """Iterate ``loader``; a user error raised in a worker process comes back as itself.
+
+    DataLoader re-raises a worker's exception with the worker's whole traceback as its
+    message; a user error (an image deleted after ``data check``) must stay one line
+    naming the file, so the message is cut back to the original's.
+    """
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except USER_ERRORS as e:
+            text = str(e)
+            if "Original Traceback" in text:  # "...\npkg.module.SourceError: PATH: why"
+                last = text.rstrip().splitlines()[-1]
+                head, sep, rest = last.partition(": ")
+                text = rest if sep and head.rsplit(".", 1)[-1] == type(e).__name__ else last
+            raise type(e)(text) from None
+        yield batch
 
 
 def cache_key(loaded: Loaded, root: str | Path, bf16: bool = False) -> str:
@@ -251,6 +274,19 @@ def default_cache_dir(checkpoint: str | Path) -> Path:
     return run_dir / "eval-cache"
 
 
+def _cached(path: Path) -> dict | None:
+    """A cache file's {"features": [N, D] float, "labels": [N] int64}, or None if it is
+    not one (truncated, another tool's, doctored): a cache is only ever a shortcut."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unpickling errors come in many types; recompute
+        return None
+    ok = (isinstance(blob, dict) and isinstance(blob.get("features"), torch.Tensor)
+          and isinstance(blob.get("labels"), torch.Tensor) and blob["features"].ndim == 2
+          and blob["labels"].ndim == 1 and len(blob["features"]) == len(blob["labels"]))
+    return blob if ok else None
+
+
 def split_features(loaded: Loaded, root: str | Path, *, cache_dir: Path | None,
                    batch_size: int = 512, workers: int = 1, bf16: bool = False,
                    log=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,10 +296,13 @@ def split_features(loaded: Loaded, root: str | Path, *, cache_dir: Path | None,
         tag = "random" if loaded.random_init else "ckpt"
         path = Path(cache_dir) / f"{Path(root).name}-{tag}-{cache_key(loaded, root, bf16)}.pt"
         if path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if log:
-                log(f"  features of {root} from cache {path}")
-            return blob["features"], blob["labels"]
+            blob = _cached(path)
+            if blob is not None:
+                if log:
+                    log(f"  features of {root} from cache {path}")
+                return blob["features"], blob["labels"]
+            print(f"warning: {path}: unreadable feature cache (cut off or not ours); "
+                  "extracting again", file=sys.stderr)
     t0 = time.perf_counter()
     dataset = ImageList(root, eval_transform(loaded.cfg))
     feats, labels = extract(loaded.backbone, dataset, Prep(loaded.cfg, module_device(loaded.backbone)),

@@ -24,10 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from bt_fast.eval.features import (EvalError, ImageList, Loaded, Prep, autocast_for, eval_transform, extract,
-                                   module_device)
+from bt_fast.eval.features import (EvalError, ImageList, Loaded, Prep, autocast_for, batches, eval_transform,
+                                   extract, module_device)
 from bt_fast.eval.knn import topk_accuracy
 from bt_fast.eval.linear import set_cosine_lr, sgd_step
+from bt_fast.eval.splits import disjoint
 
 
 def balanced_subset(labels: list[int] | np.ndarray, percent: float, seed: int = 0) -> list[int]:
@@ -53,12 +54,10 @@ def balanced_subset(labels: list[int] | np.ndarray, percent: float, seed: int = 
 
 
 def check_disjoint(train: ImageList, val: ImageList) -> None:
-    """Fail if any subset image is also a val image (same resolved file)."""
-    train_files = {(train.root / p).resolve() for p in train.paths}
-    overlap = train_files & {(val.root / p).resolve() for p in val.paths}
-    if overlap:
-        raise EvalError(f"{len(overlap)} training images are also in val "
-                        f"(e.g. {sorted(overlap)[0]}); use separate train/ and val/ folders")
+    """Fail if any subset image is also a val image (bt_fast.eval.splits.disjoint: the same
+    file, a link to it, or identical bytes)."""
+    disjoint([train.root / p for p in train.paths], [val.root / p for p in val.paths],
+             f"the {len(train)}-image subset of {train.root}", f"val {val.root}")
 
 
 def train_transform(cfg) -> transforms.Compose:
@@ -118,7 +117,7 @@ def finetune(loaded: Loaded, train_root: str | Path, val_root: str | Path, *, pe
     total, step, t0 = epochs * len(loader), 0, time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        for x, y in loader:
+        for x, y in batches(loader):
             set_cosine_lr(opt, step, total)
             with autocast_for(model, bf16):
                 logits = model(prep(x))

@@ -1,0 +1,287 @@
+"""The read gate for data: file lists stay inside their root, labels index classes.txt,
+images open under a pixel limit in DALI's formats (DALI's own CPU decoder is the
+reference), every probe refuses overlapping splits, eval sizes are checked.
+"""
+
+import io
+import os
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from bt_fast.cli import main
+from bt_fast.config import Config, ModelConfig, to_dict
+from bt_fast.data import make_synthetic
+from bt_fast.errors import EvalError
+from bt_fast.eval.splits import check_splits
+from bt_fast.methods import build
+from bt_fast.pipelines import filelist, images
+from bt_fast.pipelines.errors import SourceError
+
+FUZZ = settings(max_examples=80, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def rgb(w=48, h=40, seed=0) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels, followed by almost no data (~60 bytes)."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+
+
+# Formats a user may hand us under a .jpg name: how each is written with PIL.
+FORMATS = {
+    "jpeg": lambda p: rgb().save(p, "JPEG"), "jpeg_cmyk": lambda p: rgb().convert("CMYK").save(p, "JPEG"),
+    "png": lambda p: rgb().save(p, "PNG"), "png_palette": lambda p: rgb().convert("P").save(p, "PNG"),
+    "png_rgba": lambda p: rgb().convert("RGBA").save(p, "PNG"), "gif": lambda p: rgb().save(p, "GIF"),
+    "bmp": lambda p: rgb().save(p, "BMP"), "webp": lambda p: rgb().save(p, "WEBP"),
+    "tiff": lambda p: rgb().save(p, "TIFF"), "ppm": lambda p: rgb().save(p, "PPM"),
+    "ico": lambda p: rgb().save(p, "ICO"), "tga": lambda p: rgb().save(p, "TGA"),
+}
+
+
+def test_data_check_accepts_exactly_what_dalis_cpu_decoder_decodes(tmp_path):
+    """The reference is DALI's own CPU decoder, run on each format named .jpg."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def decode(path):
+        data, _ = fn.readers.file(files=[path], labels=[0])
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+    verdicts = {}
+    for name, write in FORMATS.items():
+        path = tmp_path / f"{name}.jpg"
+        write(path)
+        pipe = decode(str(path), batch_size=1, num_threads=1, device_id=None)
+        try:
+            pipe.build()
+            pipe.run()
+            dali_ok = True
+        except RuntimeError:
+            dali_ok = False
+        verdicts[name] = (dali_ok, filelist.image_problem(path) is None)
+    assert all(dali == ours for dali, ours in verdicts.values()), verdicts
+    assert not verdicts["gif"][0] and verdicts["png"][0]  # the case the issue found
+
+
+def test_pixel_limit_refuses_a_huge_header_before_decoding(tmp_path, monkeypatch):
+    p = tmp_path / "huge.jpg"
+    p.write_bytes(png_header_only(20000, 20000))
+    assert len(p.read_bytes()) < 100
+    why = filelist.image_problem(p)
+    assert "20000x20000 = 400000000 pixels is over the limit of 64000000" in why
+    with pytest.raises(SourceError, match="over the limit"):
+        images.load_rgb(p)
+    small = tmp_path / "small.jpg"
+    rgb().save(small, "JPEG")
+    assert filelist.image_problem(small) is None
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "1000")  # configurable: 48 x 40 is then too big
+    assert "48x40 = 1920 pixels is over the limit of 1000" in filelist.image_problem(small)
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "lots")
+    with pytest.raises(SourceError, match="BT_FAST_MAX_IMAGE_PIXELS='lots'"):
+        images.max_pixels()
+
+
+# ------------------------------------------------------------------ file lists
+
+
+@pytest.fixture()
+def root(tmp_path):
+    """data/root (4 classes x 2 checked images) beside data/elsewhere (one image outside it)."""
+    base = make_synthetic(tmp_path / "data", classes=4, train_per_class=2, val_per_class=1, size=(16, 16))
+    (tmp_path / "elsewhere").mkdir()
+    rgb(16, 16).save(tmp_path / "elsewhere" / "x.jpg")
+    return base / "train"
+
+
+def relist(root, lines: str):
+    (root / "filelist.txt").write_text(lines)
+    return filelist.read(root)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("../../elsewhere/x.jpg 0", "'..' leads out of the data root"),
+    ("/etc/passwd 0", "an absolute path"),
+    ("class0/0000.jpg 4", "label 4 is out of range: classes.txt lists 4 classes (0-3)"),
+    ("class0/0000.jpg \u0661", "expected 'relative/path label'"),  # an Arabic-Indic digit
+    ("class0/0000.jpg -1", "expected 'relative/path label'"),
+    ("class0/\x1b[2J.jpg 0", "control character"),
+])
+def test_a_bad_entry_is_refused_naming_file_and_line(root, line, needle):
+    with pytest.raises(SourceError) as e:
+        relist(root, f"class0/0000.jpg 0\n{line}\n")
+    assert needle in str(e.value) and f"{root / 'filelist.txt'}:2:" in str(e.value)
+
+
+def test_symlinks_leading_out_of_the_root_are_refused(root, tmp_path):
+    os.symlink(tmp_path / "elsewhere" / "x.jpg", root / "class0" / "link.jpg")
+    os.symlink(tmp_path / "elsewhere", root / "class0" / "dir")
+    os.symlink(root / "class1" / "0000.jpg", root / "class0" / "inside.jpg")  # fine: stays in
+    assert relist(root, "class0/inside.jpg 0\n").paths == ["class0/inside.jpg"]
+    with pytest.raises(SourceError, match="filelist.txt:1: 'class0/link.jpg': a symlink that leads out"):
+        relist(root, "class0/link.jpg 0\n")
+    with pytest.raises(SourceError, match="filelist.txt:1: 'class0/dir/x.jpg': its folder is a link"):
+        relist(root, "class0/dir/x.jpg 0\n")
+    # data check applies the same rules: neither link is listed, both are named.
+    out = io.StringIO()
+    os.symlink(tmp_path / "elsewhere" / "x.jpg", root / "class2" / "z.jpg")
+    from bt_fast.data import check_folder
+    assert check_folder(root, out) == 2
+    assert "class2/z.jpg: a symlink that leads out" in out.getvalue()
+    assert "class0/link.jpg" in out.getvalue()
+    assert all("elsewhere" not in p and "link" not in p for p in filelist.read(root).paths)
+
+
+def test_stamp_tells_a_checked_list_from_a_hand_made_one(root):
+    assert filelist.read(root).checked  # written by make_synthetic through filelist.write
+    text = (root / "filelist.txt").read_text()
+    assert not relist(root, text + "class0/0000.jpg 0\n").checked
+
+
+def test_a_hand_listed_huge_image_stops_the_trainer_reader_naming_it(root):
+    pytest.importorskip("nvidia.dali")
+    from bt_fast.pipelines import FolderSource
+
+    (root / "class0" / "huge.jpg").write_bytes(png_header_only(20000, 20000))
+    text = (root / "filelist.txt").read_text()
+    (root / "filelist.txt").write_text(text + "class0/huge.jpg 0\n")
+    with pytest.raises(SourceError, match=r"huge.jpg: 20000x20000 = 400000000 pixels is over the limit"):
+        FolderSource(root)
+
+
+def test_non_utf8_classes_file_is_one_error(root):
+    (root / "classes.txt").write_bytes(b"class0\n\xffclass1\n")
+    with pytest.raises(SourceError, match="classes.txt: not UTF-8"):
+        filelist.read(root)
+
+
+names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+entries = st.one_of(
+    st.builds(lambda n, y: f"class0/{n} {y}", names, st.integers(0, 6)),
+    st.builds(lambda n, y: f"{n} {y}", st.sampled_from(["../x.jpg", "/abs.jpg", "a/../../b.jpg", "class0//x.jpg",
+                                                         "./class0/x.jpg", "class0/0000.jpg", "\\\\srv\\x.jpg"]),
+              st.sampled_from(["0", "3", "4", "99999999999", "", "x", "0x1"])),
+    st.text(max_size=30))
+
+
+@FUZZ
+@given(lines=st.lists(entries, max_size=6), sep=st.sampled_from(["\n", "\r\n"]))
+def test_fuzzed_file_lists_are_inside_the_root_or_one_error_naming_the_line(root, lines, sep):
+    (root / "filelist.txt").write_text(sep.join(lines) + sep, encoding="utf-8", errors="surrogatepass")
+    try:
+        listing = filelist.read(root)
+    except SourceError as e:
+        assert str(root / "filelist.txt") in str(e) and "\n" not in str(e).strip()
+        return
+    real = os.path.realpath(root)
+    for p, y in zip(listing.paths, listing.labels):
+        assert os.path.realpath(root / p).startswith(real + os.sep), p
+        assert 0 <= y < len(listing.classes)
+
+
+# ------------------------------------------------------------------ splits
+
+
+def tiny_checkpoint(tmp_path, data) -> str:
+    cfg = Config()
+    cfg.data.train_dir, cfg.data.val_dir, cfg.data.image_size = str(data / "train"), str(data / "val"), 16
+    cfg.model = ModelConfig(backbone="resnet18", width=4, small_stem=True)
+    cfg.method.barlow_twins.projector = "16-16"
+    path = tmp_path / "last.pt"
+    torch.save({"model": build(cfg).state_dict(), "step": 1, "config": to_dict(cfg)}, path)
+    return str(path)
+
+
+def linked_val(data, how):
+    """data/val2: val's list over files that are train's images (by how), or copies."""
+    val2 = data / "val2"
+    listing = filelist.read(data / "train")
+    for rel in listing.paths[:3]:
+        (val2 / rel).parent.mkdir(parents=True, exist_ok=True)
+        how(data / "train" / rel, val2 / rel)
+    filelist.write(val2, [(p, y) for p, y in zip(listing.paths[:3], listing.labels[:3])], listing.classes)
+    return val2
+
+
+def copy(a, b):
+    b.write_bytes(a.read_bytes())
+
+
+@pytest.mark.parametrize("how, needle", [(os.symlink, "the same file, or a link"), (os.link, "the same file, or a link"),
+                                         (copy, "identical copies")])
+def test_every_probe_refuses_val_that_shares_train_images(tmp_path, capsys, how, needle):
+    data = make_synthetic(tmp_path / "d", classes=2, train_per_class=6, val_per_class=2, size=(16, 16))
+    val2 = linked_val(data, how)
+    ckpt = tiny_checkpoint(tmp_path, data)
+    with pytest.raises(EvalError, match=needle):
+        check_splits(data / "train", val2)
+    common = ["--train-dir", str(data / "train"), "--val-dir", str(val2), "--workers", "0", "--no-cache"]
+    for argv in (["knn", "--checkpoint", ckpt], ["linear", "--checkpoint", ckpt],
+                 ["semi", "--percent", "10", "--checkpoint", ckpt], ["knn", "--pixels", "--checkpoint", ckpt],
+                 ["linear", "--pixels", "--checkpoint", ckpt]):
+        assert main(["eval", *argv, *common]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (argv, err)
+    check_splits(data / "train", data / "val")  # the real val: held out, no error
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["knn", "--k", "0"], "--k 0: must be >= 1"), (["linear", "--epochs", "-1"], "--epochs -1: must be >= 1"),
+    (["linear", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["semi", "--percent", "0"], "--percent 0: choose 1 or 10"),
+    (["knn", "--temperature", "nan"], "--temperature nan: must be finite"),
+    (["knn", "--extract-batch", "0"], "--extract-batch 0: must be >= 1"),
+    (["linear", "--lr", "-0.1"], "--lr -0.1: must be >= 0"),
+])
+def test_eval_sizes_are_checked_in_one_line(tmp_path, capsys, flags, needle):
+    assert main(["eval", *flags, "--checkpoint", str(tmp_path / "never-read.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+
+
+def test_val_image_deleted_after_check_is_one_line_naming_it(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "d", classes=2, train_per_class=6, val_per_class=2, size=(16, 16))
+    ckpt = tiny_checkpoint(tmp_path, data)
+    gone = data / "val" / filelist.read(data / "val").paths[1]
+    gone.unlink()
+    for workers in ("0", "1"):  # in-process, and re-raised from a DataLoader worker
+        assert main(["eval", "knn", "--checkpoint", ckpt, "--workers", workers, "--no-cache",
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{gone}: No such file or directory" in err, err
+        assert "Traceback" not in err
+
+
+def test_truncated_webdataset_shard_is_named(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from bt_fast.pipelines import WebDatasetSource
+
+    buf = io.BytesIO()
+    rgb(16, 16).save(buf, "JPEG")
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            for ext, data in (("jpg", buf.getvalue()), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert len(WebDatasetSource([shard])) == 4
+    raw = shard.read_bytes()
+    for cut in (700, 1800, 3000, len(raw) // 2 + 100):
+        shard.write_bytes(raw[:cut])
+        with pytest.raises(SourceError, match=f"{shard}: (truncated tar shard|not a readable tar shard)"):
+            WebDatasetSource([shard])
