@@ -11,19 +11,26 @@ Linear -> BN -> ReLU, repeated, then a final Linear (optionally followed by BN).
 
 torchvision is imported inside the builders, not at the top: ``bt_fast.config``
 imports the methods (their config sections), and every CLI command imports the config.
+For the same reason this module names no config type, not even for annotations: the
+config imports the methods, which import this; ``BackboneSpec`` says what it reads.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from bt_fast.config import ModelConfig
+
+class BackboneSpec(Protocol):
+    """What ``build_backbone`` reads of its argument (``bt_fast.config.ModelConfig``)."""
+
+    backbone: str
+    width: int
+    small_stem: bool
 
 
-def build_backbone(cfg: "ModelConfig") -> tuple[nn.Module, int]:
+def build_backbone(cfg: BackboneSpec) -> tuple[nn.Module, int]:
     """ResNet trunk without its classifier; returns (module, feature_dim)."""
     import torchvision
 

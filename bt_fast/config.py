@@ -193,10 +193,9 @@ def validate(cfg: Config) -> None:
     """
     if cfg.method.name not in METHODS:  # set in code after construction
         raise ConfigError(f"method.name={cfg.method.name!r}: choose one of {', '.join(METHODS)}")
-    method = METHODS[cfg.method.name]
-    if len(expand(cfg.views)) != method.n_views:
-        raise ConfigError(f"views: {method.__name__} needs exactly {method.n_views} views, "
-                          f"got {len(expand(cfg.views))}")
+    problem = METHODS[cfg.method.name].check_views([v.size for v in expand(resolved_views(cfg))])
+    if problem:
+        raise ConfigError(f"views: {problem}")
     choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
                "data.device": (cfg.data.device, ("auto", "cpu", "gpu")),
                "data.reader": (cfg.data.reader, ("folder", "webdataset")),
@@ -219,13 +218,25 @@ def from_dict(values: dict, source: str = "<dict>", method: Optional[str] = None
     ``method.name``): its preset from bt_fast.pipelines.presets at ``data.image_size``.
     """
     values = upgrade(values or {})
+    name = method or _named_method(values) or MethodConfig().name
+    values = take_method_views(values, name)
     if not values.get("views"):
-        name = method or _named_method(values) or MethodConfig().name
         values = {**values, "views": method_views(name)}
     try:
         return build(Config, values, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def take_method_views(values: dict, name: str) -> dict:
+    """A method section's own ``views`` (SwAV's and DINO's multi-crop) become the run's
+    ``views`` when that method trains: moved up, so ``--set views.N.key=...`` edits them
+    and the saved config.yaml lists, under ``views``, the views the run used."""
+    section = (values.get("method") or {}).get(name) if isinstance(values.get("method"), dict) else None
+    if not isinstance(section, dict) or not section.get("views"):
+        return values
+    method = {**values["method"], name: {**section, "views": []}}
+    return {**values, "views": section["views"], "method": method}
 
 
 def method_views(name: str) -> list[dict]:
@@ -293,9 +304,8 @@ def _named_method(values: dict) -> Optional[str]:
 
 
 def _final_method(values: dict, overrides: list[str]) -> Optional[str]:
-    """method.name after the overrides, if the file gives no views (else None: keep them)."""
-    if values.get("views"):
-        return None
+    """method.name after the overrides: whose views (its section's, else its preset when the
+    file gives none) the run takes before other --set values apply to them."""
     name = _named_method(values)
     for item in overrides:
         path, value = parse_override(item)

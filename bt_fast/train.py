@@ -5,7 +5,8 @@ One node, 8 GPUs: torchrun --nproc-per-node 8 -m bt_fast train --config configs/
 N nodes:          make train NODES=N GPUS=8 CONFIG=configs/imagenet.yaml  (see README)
 
 The loop reads as the algorithm: augmented views -> the method's networks (backbone +
-heads, bt_fast.methods; ``method.name`` picks Barlow Twins, VICReg, SimCLR or BYOL) ->
+heads, bt_fast.methods; ``method.name`` picks Barlow Twins, VICReg, SimCLR, BYOL, SwAV or
+DINO) ->
 its loss over the global batch -> backward -> LARS step -> the method's after-step
 update (BYOL's moving-average target). A step whose loss or gradients are not finite
 changes nothing: no weight, no BatchNorm statistic, no target. A re-run
@@ -52,6 +53,7 @@ class Run:
     last_step: int  # where this run stops (max_steps may cut the schedule short)
     warmup_steps: int
     guard: "BufferGuard | None" = None  # built by the first train_step (bench step builds Run by hand)
+    steps_per_epoch: int = 1  # for the methods' epoch-based schedules (DINO's teacher temperature)
 
 
 class BufferGuard:
@@ -88,14 +90,17 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
     if run.guard is None:
         run.guard = BufferGuard(run.model)
     run.guard.hold()
+    run.model.start_step(run.step, run.steps_per_epoch)  # host-side schedules (SwAV, DINO)
     with autocast(run.cfg, run.env.device):
-        outputs = run.ddp(views)  # e.g. [z1, z2], each [B_local, D]
+        # e.g. [z1, z2], each [B_local, D]; multi-crop methods run one backbone pass per size
+        outputs = run.ddp(views)
     group = torch.distributed.group.WORLD if run.env.distributed else None
     # Outside autocast: every loss accumulates in fp32 itself (bt_fast.kernels).
     loss, terms = run.model.loss(outputs, group)
     timer.mark("forward")
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
+    run.model.drop_frozen_grads()  # SwAV's prototypes, DINO's last layer: frozen early on
     timer.mark("backward")
     # Device-side: a bad step is skipped, not synced. Under fp16 the GradScaler already
     # skips steps whose scaled gradients overflow (and lowers its scale: expected, not an
@@ -214,7 +219,7 @@ def setup(cfg: config.Config) -> Run:
     if env.is_main:
         config.save(cfg, run_dir / "config.yaml")
     return Run(cfg, env, run_dir, model, ddp, optimizer, scaler, loader, step, total, last_step,
-               round(cfg.optim.warmup_epochs * steps_per_epoch))
+               round(cfg.optim.warmup_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch)
 
 
 def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:

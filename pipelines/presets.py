@@ -57,8 +57,21 @@ def multicrop(size: int = 224, local_size: int = 96, n_global: int = 2, n_local:
             ViewSpec(size=local_size, scale=(0.05, 0.14), count=n_local, **common)]
 
 
+def dino(size: int = 224, local_size: int = 96, n_local: int = 8, split: float = 0.14) -> list[ViewSpec]:
+    """DINO (Caron et al., 2021), facebookresearch/dino main_dino.py ``DataAugmentationDINO``.
+
+    Two global crops (scale ``split``-1) with the asymmetric blur/solarize of BYOL (blur
+    p=1.0 / 0.1, solarize p=0 / 0.2), ``n_local`` local crops (scale 0.05-``split``, blur
+    p=0.5); bicubic, flip 0.5, jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2. ``split``
+    0.14 is the README's ResNet-50 command (main_dino.py's default, for ViTs, is 0.4).
+    """
+    return [ViewSpec(size=size, scale=(split, 1.0), blur_p=1.0, solarize_p=0.0),
+            ViewSpec(size=size, scale=(split, 1.0), blur_p=0.1, solarize_p=0.2),
+            ViewSpec(size=local_size, scale=(0.05, split), blur_p=0.5, solarize_p=0.0, count=n_local)]
+
+
 PRESETS = {"barlow_twins": barlow_twins, "simclr": simclr, "byol": byol, "vicreg": vicreg,
-           "multicrop": multicrop}
+           "multicrop": multicrop, "dino": dino}
 
 
 def get(name: str, **kwargs) -> list[ViewSpec]:

@@ -15,7 +15,10 @@ from conftest import CONFIGS
 
 TINY = ["model.backbone=resnet18", "model.width=8", "model.small_stem=true",
         "method.barlow_twins.projector=32-16", "method.vicreg.projector=32-16",
-        "method.simclr.projector=32-16", "method.byol.projector=32-16", "method.byol.predictor=24-16"]
+        "method.simclr.projector=32-16", "method.byol.projector=32-16", "method.byol.predictor=24-16",
+        "method.swav.projector=32-16", "method.swav.n_prototypes=16", "method.dino.head=32-24-8",
+        "method.dino.out_dim=16"]
+MULTICROP = ("swav", "dino")
 
 
 def tiny(name: str, *extra: str):
@@ -24,32 +27,42 @@ def tiny(name: str, *extra: str):
     return cfg, methods.build(cfg)
 
 
-def views(n=8, size=16):
+def views(n=8, size=16, sizes=None):
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(n, 3, size, size, generator=g) for _ in range(2)]
+    return [torch.randn(n, 3, s, s, generator=g) for s in (sizes or [size, size])]
 
 
 @pytest.mark.parametrize("name", list(methods.METHODS))
 def test_forward_loss_and_terms(name):
     _, model = tiny(name)
-    outputs = model(views())
-    assert all(o.shape == (8, 16) for o in outputs)
-    assert len(outputs) == (4 if name == "byol" else 2)  # BYOL: p1, p2 and the target's z1, z2
+    outputs = model(views(sizes=[16, 16, 8, 8, 8] if name in MULTICROP else None))
+    if name == "dino":  # 5 student crops, 2 teacher (global) crops
+        assert [len(o) for o in outputs] == [5, 2]
+        assert all(o.shape == (8, 16) for o in outputs[0] + outputs[1])
+    else:
+        assert all(o.shape == (8, 16) for o in outputs)
+        # BYOL: p1, p2 and the target's z1, z2; SwAV: one score tensor per crop
+        assert len(outputs) == {"byol": 4, "swav": 5}.get(name, 2)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
     loss, terms = model.loss(outputs, None)
     assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
     assert list(terms) == list(type(model).terms)
     assert all(t.shape == () and t.dtype == torch.float32 for t in terms.values())
     loss.backward()
     assert model.backbone.conv1.weight.grad is not None
-    assert torch.allclose(model.baseline_loss([o.detach() for o in outputs]), loss.detach(), rtol=1e-4)
+    detached = [[o.detach() for o in x] for x in outputs] if name == "dino" else [o.detach() for o in outputs]
+    if name == "dino":  # the loss moved the centre after using it: the baseline uses the same one
+        assert not torch.equal(model.center, buffers["center"])
+        model.center.copy_(buffers["center"])
+    assert torch.allclose(model.baseline_loss(detached), loss.detach(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(methods.METHODS))
 def test_state_dict_has_the_backbone_eval_and_export_load(name, tmp_path):
     cfg, model = tiny(name)
     state = model.state_dict()
-    for key, value in state.items():  # BYOL's target starts as a copy: make it differ
-        if key.startswith("target.") and value.is_floating_point():
+    for key, value in state.items():  # BYOL's target, DINO's teacher start as a copy: make them differ
+        if key.startswith(("target.", "teacher.")) and value.is_floating_point():
             value.add_(1.0)
     torch.save({"model": state, "step": 1, "config": config.to_dict(cfg)}, tmp_path / "last.pt")
     loaded = load_backbone(tmp_path / "last.pt")  # BYOL: the online backbone, not target.backbone
@@ -57,7 +70,8 @@ def test_state_dict_has_the_backbone_eval_and_export_load(name, tmp_path):
         assert torch.equal(loaded.backbone.state_dict()[key], value), key
     heads = {k.split(".")[0] for k in state} - {"backbone"}
     assert heads == {"barlow_twins": {"projector"}, "vicreg": {"projector"}, "simclr": {"projector"},
-                     "byol": {"projector", "predictor", "target"}}[name]
+                     "byol": {"projector", "predictor", "target"}, "swav": {"projector", "prototypes"},
+                     "dino": {"head", "teacher", "center"}}[name]
 
 
 def test_every_method_has_a_config_section_with_its_own_defaults():
@@ -103,9 +117,13 @@ def test_views_count_is_checked_per_method():
     with pytest.raises(ConfigError, match="VICReg needs exactly 2 views, got 3"):
         config.validate(cfg)
     cfg = config.load(None)
-    cfg.method.name = "swav"
-    with pytest.raises(ConfigError, match="method.name='swav'"):
+    cfg.method.name = "moco"
+    with pytest.raises(ConfigError, match="method.name='moco'"):
         config.validate(cfg)
+    for name in MULTICROP:  # global crops first, all one size
+        with pytest.raises(ConfigError, match=r"global crops first, all one size.*\[32, 16"):
+            config.validate(config.load(None, [f"method.name={name}", "views.0.size=32", "views.0.count=1",
+                                               "views.1.size=16", "views.1.count=1"]))
 
 
 def test_pre_method_keys_in_a_file_say_where_they_went(tmp_path):
@@ -173,7 +191,9 @@ def test_byol_target_is_frozen_and_out_of_the_optimizer_also_after_cpu_sync_bn()
 def test_every_method_views_preset_matches_its_count():
     for name, cls in methods.METHODS.items():
         cfg = config.load(None, [f"method.name={name}"])
-        assert len(expand(cfg.views)) == cls.n_views, name
+        sizes = [v.size for v in expand(config.resolved_views(cfg))]
+        assert len(sizes) == cls.n_views or (cls.n_views is None and sizes == [224, 224] + [96] * (len(sizes) - 2)
+                                             and len(sizes) >= 8), (name, sizes)
         config.validate(cfg)
 
 

@@ -132,10 +132,10 @@ def _state(run) -> dict:
     return {k: v.clone() for k, v in run.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["barlow_twins", "byol"])
+@pytest.mark.parametrize("method", ["barlow_twins", "byol", "swav", "dino"])
 def test_nan_batch_changes_no_parameter_and_no_buffer(dataset, tmp_path, method):
-    """A skipped step leaves BN running stats, num_batches_tracked and BYOL's target as
-    they were; the next good step moves them."""
+    """A skipped step leaves BN running stats, num_batches_tracked, BYOL's target, DINO's
+    teacher and centre, SwAV's prototypes as they were; the next good step moves them."""
     cfg = config.load(CONFIGS / "smoke.yaml", [f"data.train_dir={dataset / 'train'}",
                                              f"train.run_dir={tmp_path}", f"method.name={method}"])
     run = train.setup(cfg)
@@ -145,7 +145,7 @@ def test_nan_batch_changes_no_parameter_and_no_buffer(dataset, tmp_path, method)
     timer = train.metrics.StepTimer(run.env.device)
     timer.start()
     before = _state(run)
-    poisoned = [views[0].clone().fill_(float("nan")), views[1].clone()]
+    poisoned = [views[0].clone().fill_(float("nan"))] + [v.clone() for v in views[1:]]
     out = train.train_step(run, poisoned, timer)
     assert int(out["nonfinite"]) == 1
     after = _state(run)
@@ -157,6 +157,8 @@ def test_nan_batch_changes_no_parameter_and_no_buffer(dataset, tmp_path, method)
     assert any(k.endswith("running_mean") for k in moved) and any(k.endswith("num_batches_tracked") for k in moved)
     if method == "byol":
         assert any(k.startswith("target.") and k.endswith(".weight") for k in moved)
+    if method == "dino":
+        assert "center" in moved and any(k.startswith("teacher.") and k.endswith(".weight") for k in moved)
     assert all(torch.isfinite(v.float()).all() for v in run.model.state_dict().values())
 
 

@@ -29,6 +29,7 @@ from bt_fast import config, dist, methods, metrics, optim
 from bt_fast.bench import emit
 from bt_fast.device import threads_for
 from bt_fast.kernels import official_loss
+from bt_fast.pipelines.spec import expand
 
 
 def add_arguments(parser) -> None:
@@ -84,7 +85,7 @@ def interleaved(steps: int, contenders: dict) -> dict[str, float]:
 def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
     """(run, views): bt_fast's train step ready to call as ``contender_step(run, views)``.
 
-    ``views`` are two random [batch, 3, S, S] tensors on ``device`` (channels-last when
+    ``views`` are random [batch, 3, S, S] tensors on ``device``, one per crop of the config (channels-last when
     configured); both groups' learning rates are their configured peaks times
     ``lr_scale``. Shared by this benchmark and ``bt-fast doctor``.
     """
@@ -94,8 +95,8 @@ def contender(cfg, batch: int, device: torch.device, *, lr_scale: float = 1.0):
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    size = config.resolved_views(cfg)[0].size
-    views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
+    # one random [batch, 3, S, S] view per crop of the config (multi-crop: every size)
+    views = [torch.randn(batch, 3, v.size, v.size, device=device) for v in expand(config.resolved_views(cfg))]
     if cfg.train.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     opt = optim.build(model, cfg.optim)
@@ -134,6 +135,7 @@ def run(args) -> int:
     threads = threads_for(cfg, dist.Env(device=device)) or default_threads  # the trainer's
     run_, fast_views = contender(cfg, args.batch, device)
     size = fast_views[0].shape[-1]
+    sizes = [v.shape[-1] for v in fast_views]
     # the baseline: same initial weights, NCHW views with the same values
     plain = copy.deepcopy(run_.model).to(memory_format=torch.contiguous_format)
     views_nchw = [v.contiguous() for v in fast_views]
@@ -148,7 +150,7 @@ def run(args) -> int:
         contenders["bt_fast_default_threads"] = (fast, default_threads)
     sec = interleaved(args.steps, contenders)  # median seconds per step
     result = {
-        "bench": "step", "config": args.config, "batch": args.batch, "image_size": size,
+        "bench": "step", "config": args.config, "batch": args.batch, "image_size": size, "view_sizes": sizes,
         "backbone": cfg.model.backbone, **method_fields(cfg),
         "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
         "compile": cfg.train.compile, "device": device.type,

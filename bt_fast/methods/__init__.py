@@ -14,7 +14,9 @@ from __future__ import annotations
 from bt_fast.methods.barlow_twins import BarlowTwins
 from bt_fast.methods.base import Method
 from bt_fast.methods.byol import BYOL
+from bt_fast.methods.dino import DINO
 from bt_fast.methods.simclr import SimCLR
+from bt_fast.methods.swav import SwAV
 from bt_fast.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
@@ -22,6 +24,8 @@ METHODS: dict[str, type[Method]] = {
     "vicreg": VICReg,
     "simclr": SimCLR,
     "byol": BYOL,
+    "swav": SwAV,
+    "dino": DINO,
 }
 
 

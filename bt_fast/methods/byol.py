@@ -18,7 +18,6 @@ bias). Defaults: byol/configs/byol.py at 1000 epochs.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ from torch import nn
 
 from bt_fast.backbone import parse_widths
 from bt_fast.kernels import byol_loss, byol_loss_reference
-from bt_fast.methods.base import Method
+from bt_fast.methods.base import Method, target_tau
 from bt_fast.pipelines.bounds import bounded, check
 
 
@@ -44,11 +43,6 @@ class BYOLConfig:
         proj, pred = parse_widths(self.projector, "projector"), parse_widths(self.predictor, "predictor")
         if proj[-1] != pred[-1]:
             raise ValueError(f"predictor={self.predictor!r} must end in the projector's size {proj[-1]}")
-
-
-def target_tau(base_tau: float, step: int, total_steps: int) -> float:
-    """τ_k = 1 - (1 - τ_base)(cos(π k / K) + 1) / 2: τ_base at k = 0, 1 at k = K."""
-    return 1 - (1 - base_tau) * (math.cos(math.pi * min(step, total_steps) / max(1, total_steps)) + 1) / 2
 
 
 class BYOL(Method):
