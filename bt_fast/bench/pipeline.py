@@ -1,7 +1,10 @@
 """``bt-fast bench pipeline [--json]``: the DALI recipe vs torchvision vs the DALI ceiling.
 
 One process, the same cores, the same ImageNet-like JPEGs (~500x375, generated smooth
-textures in a temp dir), the official Barlow Twins recipe (two 224-px views):
+textures in a temp dir), the official Barlow Twins recipe (two 224-px views), or with
+``--recipe multicrop|dino`` SwAV's (2 x 224 + 6 x 96) or DINO's (2 x 224 + 8 x 96)
+multi-crop (``--local-size`` sets the local side; images/s counts images, each with all
+its crops):
 
   a      bt_fast.pipelines.MultiViewLoader (defaults: decode once, crop each view from
          it, jitter as one colour matrix with the linear hue)
@@ -32,6 +35,20 @@ from PIL import Image
 from bt_fast.bench import emit
 
 
+RECIPES = ("barlow_twins", "multicrop", "dino")
+
+
+def recipe_views(args) -> list:
+    """The views of ``args.recipe`` (bt_fast.pipelines.presets) at ``args.size``; Barlow
+    Twins' for callers whose args name no recipe (``bt-fast doctor``)."""
+    from bt_fast.pipelines import presets
+
+    recipe = getattr(args, "recipe", "barlow_twins")
+    if recipe == "barlow_twins":
+        return presets.barlow_twins(args.size)
+    return presets.get(recipe, size=args.size, local_size=getattr(args, "local_size", 96))
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--images", type=int, default=640, help="JPEGs to generate (default 640)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
@@ -39,6 +56,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="DALI threads = DataLoader workers (default: all cores)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--recipe", choices=RECIPES, default="barlow_twins",
+                        help="views per image: barlow_twins (2), multicrop (SwAV: 2 global + 6 local), "
+                             "dino (2 global + 8 local)")
+    parser.add_argument("--local-size", type=int, default=96, help="local crop side of the multi-crop recipes")
     parser.add_argument("--skip-torchvision", action="store_true", help="skip baseline b (slow)")
 
 
@@ -85,9 +106,9 @@ def _rate(batches, batch: int, warmup: int = 2) -> tuple[float, float]:
 
 
 def bench_dali(root: Path, args, device: str, decode: str = "once", hue: str = "linear"):
-    from bt_fast.pipelines import FolderSource, MultiViewLoader, presets
+    from bt_fast.pipelines import FolderSource, MultiViewLoader
 
-    loader = MultiViewLoader(FolderSource(root), presets.barlow_twins(args.size), args.batch,
+    loader = MultiViewLoader(FolderSource(root), recipe_views(args), args.batch,
                              device=device, num_threads=args.threads, decode=decode, hue=hue)
     return _rate(loader, args.batch)
 
@@ -95,15 +116,17 @@ def bench_dali(root: Path, args, device: str, decode: str = "once", hue: str = "
 def bench_ceiling(root: Path, args, device: str):
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    from bt_fast.pipelines import FolderSource, presets
+    from bt_fast.pipelines import FolderSource
     from bt_fast.pipelines.pipeline import READER, crop_only_pipeline
+    from bt_fast.pipelines.spec import expand
 
     import torch
 
-    pipe = crop_only_pipeline(FolderSource(root), presets.barlow_twins(args.size), device=device,
+    views = expand(recipe_views(args))
+    pipe = crop_only_pipeline(FolderSource(root), views, device=device,
                               batch_size=args.batch, num_threads=args.threads, seed=0,
                               device_id=torch.cuda.current_device() if device == "gpu" else None)
-    it = DALIGenericIterator([pipe], ["v0", "v1"], reader_name=READER,
+    it = DALIGenericIterator([pipe], [f"v{i}" for i in range(len(views))], reader_name=READER,
                              last_batch_policy=LastBatchPolicy.DROP)
     return _rate(it, args.batch)
 
@@ -111,10 +134,9 @@ def bench_ceiling(root: Path, args, device: str):
 def bench_torchvision(root: Path, args):
     import torch
 
-    from bt_fast.pipelines import presets
     from bt_fast.pipelines.torchvision_recipe import FileListDataset, MultiViewTransform
 
-    ds = FileListDataset(root, MultiViewTransform(presets.barlow_twins(args.size)))
+    ds = FileListDataset(root, MultiViewTransform(recipe_views(args)))
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
                                      num_workers=args.threads, persistent_workers=False)
     return _rate(dl, args.batch)
@@ -123,6 +145,8 @@ def bench_torchvision(root: Path, args):
 def run(args) -> int:
     import torch
 
+    from bt_fast.pipelines.spec import expand
+
     device = args.device
     if device == "auto":
         device = "gpu" if torch.cuda.is_available() else "cpu"
@@ -130,7 +154,7 @@ def run(args) -> int:
         root = make_jpegs(Path(tmp), args.images)
         res = {"device": device, "threads": args.threads, "images": args.images,
                "jpeg_size": [500, 375], "batch": args.batch, "view_size": args.size,
-               "recipe": "barlow_twins (2 views)"}
+               "recipe": args.recipe, "view_sizes": [v.size for v in expand(recipe_views(args))]}
         runs = {"c_dali_crop_only": lambda: bench_ceiling(root, args, device),
                 "a_dali_recipe": lambda: bench_dali(root, args, device),
                 "a_hsv_dali_recipe_exact_hue": lambda: bench_dali(root, args, device, hue="hsv"),
