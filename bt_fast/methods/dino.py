@@ -33,6 +33,7 @@ from torch import nn
 from bt_fast.backbone import parse_widths
 from bt_fast.kernels import dino_batch_center, dino_loss, dino_loss_reference
 from bt_fast.methods.base import Method, target_tau
+from bt_fast.pipelines.bounds import bounded, check
 from bt_fast.pipelines.spec import ViewSpec
 
 
@@ -40,43 +41,33 @@ from bt_fast.pipelines.spec import ViewSpec
 class DINOConfig:
     head: str = "2048-2048-256"
     """Head MLP widths (hidden-hidden-bottleneck), dash separated, before the last layer."""
-    out_dim: int = 65536
+    out_dim: int = bounded(65536, ge=1, le=10_000_000)
     """K, the output size of the weight-normalised last layer."""
     use_bn_in_head: bool = False
     """BatchNorm after each hidden Linear of the head."""
     norm_last_layer: bool = True
     """Fix the last layer's weight norm g at 1 (official default for ResNet-50)."""
-    base_momentum: float = 0.996
+    base_momentum: float = bounded(0.996, ge=0, le=1)
     """Teacher moving-average rate at step 0; it rises to 1 on a cosine over the schedule."""
-    student_temp: float = 0.1
+    student_temp: float = bounded(0.1, gt=0, le=100)
     """Student softmax temperature."""
-    teacher_temp: float = 0.04
+    teacher_temp: float = bounded(0.04, gt=0, le=100)
     """Teacher softmax temperature after the warm-up."""
-    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp: float = bounded(0.04, gt=0, le=100)
     """Teacher softmax temperature at the start of the warm-up."""
-    warmup_teacher_temp_epochs: float = 0.0
+    warmup_teacher_temp_epochs: float = bounded(0.0, ge=0)
     """Epochs of the linear teacher-temperature warm-up."""
-    center_momentum: float = 0.9
+    center_momentum: float = bounded(0.9, ge=0, le=1)
     """Moving-average rate of the teacher-output centre."""
-    freeze_last_layer_epochs: float = 1.0
+    freeze_last_layer_epochs: float = bounded(1.0, ge=0)
     """The last layer gets no update for this many first epochs."""
     views: List[ViewSpec] = field(default_factory=list)
     """The crops DINO trains with when it is ``method.name`` (global first); empty = the
     config's ``views`` (or the ``dino`` preset)."""
 
     def __post_init__(self):
+        check(self)  # each number against the range declared beside it
         parse_widths(self.head, "head")
-        if self.out_dim < 1:
-            raise ValueError(f"out_dim={self.out_dim}: must be >= 1")
-        for key in ("base_momentum", "center_momentum"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"{key}={getattr(self, key)}: must be in [0, 1]")
-        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key}={getattr(self, key)}: must be positive")
-        for key in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}={getattr(self, key)}: must not be negative")
 
 
 class DINOHead(nn.Module):

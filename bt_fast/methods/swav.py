@@ -29,6 +29,7 @@ from torch import nn
 from bt_fast.backbone import parse_widths
 from bt_fast.kernels import swav_loss, swav_loss_reference
 from bt_fast.methods.base import Method, check_heads
+from bt_fast.pipelines.bounds import bounded, check
 from bt_fast.pipelines.spec import ViewSpec
 
 
@@ -36,30 +37,24 @@ from bt_fast.pipelines.spec import ViewSpec
 class SwAVConfig:
     projector: str = "2048-128"
     """Projection-head widths (hidden_mlp-feat_dim), dash separated; the last is D."""
-    n_prototypes: int = 3000
+    n_prototypes: int = bounded(3000, ge=1, le=1_000_000)
     """K, the number of prototypes (clusters)."""
-    temperature: float = 0.1
+    temperature: float = bounded(0.1, gt=0, le=100)
     """Softmax temperature of the predictions."""
-    epsilon: float = 0.05
-    """Entropic regularisation of Sinkhorn-Knopp (the codes' softness)."""
-    sinkhorn_iters: int = 3
+    epsilon: float = bounded(0.05, ge=0.01, le=100)
+    """Entropic regularisation of Sinkhorn-Knopp (the codes' softness); exp(score / epsilon)
+    must stay finite in fp32, so not below 0.01 (the paper's value is 0.05)."""
+    sinkhorn_iters: int = bounded(3, ge=1, le=1000)
     """Sinkhorn-Knopp iterations."""
-    freeze_prototypes_steps: int = 313
+    freeze_prototypes_steps: int = bounded(313, ge=0)
     """The prototypes get no update for this many first steps."""
     views: List[ViewSpec] = field(default_factory=list)
     """The crops SwAV trains with when it is ``method.name`` (global first); empty = the
     config's ``views`` (or the ``multicrop`` preset)."""
 
     def __post_init__(self):
+        check(self)  # each number against the range declared beside it
         check_heads(self.projector)
-        for key in ("n_prototypes", "sinkhorn_iters"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
-        for key in ("temperature", "epsilon"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key}={getattr(self, key)}: must be positive")
-        if self.freeze_prototypes_steps < 0:
-            raise ValueError(f"freeze_prototypes_steps={self.freeze_prototypes_steps}: must not be negative")
 
 
 class SwAV(Method):
