@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,6 +69,9 @@ class FolderSource:
         since DALI's decoder has no pixel limit and stops on a format it cannot read.
         Cost: one header read per file, in threads (PIL releases the GIL on I/O)."""
         files = [self.root / p for p in self.paths]
+        print(f"{self.root / FILELIST}: not written by `bt-fast data check` (no matching "
+              f"{filelist.STAMP}): checking the headers of its {len(files)} images first; "
+              "run `bt-fast data check` once to skip this", file=sys.stderr, flush=True)
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
             for path, why in zip(files, pool.map(header_problem, files, chunksize=64)):
                 if why:
