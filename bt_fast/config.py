@@ -300,7 +300,8 @@ def load(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
 
 def _named_method(values: dict) -> Optional[str]:
     method = values.get("method")
-    return method.get("name") if isinstance(method, dict) else None
+    name = method.get("name") if isinstance(method, dict) else None
+    return name if isinstance(name, str) else None  # anything else: build() names the type error
 
 
 def _final_method(values: dict, overrides: list[str]) -> Optional[str]:

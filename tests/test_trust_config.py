@@ -8,11 +8,12 @@ through the same path a user takes (``--set``), and that nothing else escapes.
 
 import dataclasses
 import math
+import os
 import typing
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bt_fast import config, yamlconf
@@ -20,7 +21,8 @@ from bt_fast.cli import main
 from bt_fast.errors import ConfigError
 from bt_fast.pipelines import bounds
 
-FUZZ = settings(max_examples=60, deadline=None, database=None,
+# BT_FAST_FUZZ_EXAMPLES=2000 for a longer hunt; the suite keeps it small.
+FUZZ = settings(max_examples=int(os.environ.get("BT_FAST_FUZZ_EXAMPLES", 60)), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -177,6 +179,8 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
 
 @FUZZ
 @given(key=st.sampled_from(KEYS), value=values, raw=st.none() | st.text(max_size=30))
+@example(key="method.name", value=[None], raw=None)  # found by this test: a TypeError once
+@example(key="views.0.scale", value=None, raw="[0, 0]")
 def test_fuzzed_set_values_give_a_config_or_one_config_error(key, value, raw):
     """Any value for any key (as YAML, or raw text): a valid run config or ConfigError."""
     item = f"{key}={raw if raw is not None else yamlconf.yaml_value(value)}"

@@ -25,7 +25,8 @@ from bt_fast.methods import build
 from bt_fast.pipelines import filelist, images
 from bt_fast.pipelines.errors import SourceError
 
-FUZZ = settings(max_examples=80, deadline=None, database=None,
+# BT_FAST_FUZZ_EXAMPLES=2000 for a longer hunt; the suite keeps it small.
+FUZZ = settings(max_examples=int(os.environ.get("BT_FAST_FUZZ_EXAMPLES", 80)), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
