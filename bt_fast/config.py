@@ -31,7 +31,7 @@ class DataConfig:
     reader = folder (no default dataset: configs/fmnist.yaml names Fashion-MNIST's)."""
     val_dir: str = ""
     """ImageFolder root of the held-out images (evaluation)."""
-    image_size: int = bounded(224, ge=1, le=MAX_SIDE)
+    image_size: int = bounded(224, ge=2, le=MAX_SIDE)
     """Default view side in pixels; a view with size 0 in ``views`` takes this."""
     batch_size: int = bounded(256, ge=1, le=2**20)
     """GLOBAL batch size (all ranks); each rank reads batch_size / world_size."""

@@ -20,10 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bt_fast.errors import DataError, DiskFullError
+from bt_fast.errors import DataError, DiskFullError, UsageError
 from bt_fast.pipelines import filelist
+from bt_fast.pipelines.bounds import Range
 from bt_fast.pipelines.errors import SourceError
 from bt_fast.pipelines.filelist import FILELIST
+from bt_fast.pipelines.images import max_pixels
+from bt_fast.pipelines.spec import MAX_SIDE
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FMNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                   "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
@@ -108,6 +111,7 @@ def check(path: str | Path, out=None) -> int:
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: data folder not found")
+    max_pixels()  # a bad BT_FAST_MAX_IMAGE_PIXELS stops here, before any list is rewritten
     splits = [path / s for s in ("train", "val") if (path / s).is_dir()]
     return sum(check_folder(r, out) for r in (splits or [path]))
 
@@ -259,7 +263,18 @@ def add_arguments(parser) -> None:
     p.add_argument("dir", help="ImageFolder root, or a folder with train/ and val/")
 
 
+FLAG_RANGES = {"classes": Range(lo=1, hi=10_000), "per_class": Range(lo=1, hi=1_000_000),
+               "size": Range(lo=1, hi=MAX_SIDE), "seed": Range(lo=0, hi=2**32 - 1), "dev": Range(lo=0)}
+"""Valid values of the numeric flags (the Range the config fields declare)."""
+
+
 def run(args) -> int:
+    for name, rng in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        why = rng.problem(value) if value is not None else None
+        if why:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise UsageError(f"--{name.replace('_', '-')} {shown}: {why}")
     if args.what == "fashion-mnist":
         prepare_fashion_mnist(args.out)
         if args.dev:

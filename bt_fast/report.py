@@ -152,11 +152,17 @@ def validation_views(cfg, val_dir: Path, batch: int, seed: int = 0):
     import torch
 
     from bt_fast import config
+    from bt_fast.pipelines import filelist
     from bt_fast.pipelines.images import load_rgb
     from bt_fast.pipelines.spec import expand
     from bt_fast.pipelines.torchvision_recipe import view_transform
 
-    files = sorted(p for p in val_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # The checked list when there is one (the read gate: inside the root, DALI's formats);
+    # a bare folder otherwise, each file still opened through pipelines/images.py.
+    if (val_dir / filelist.FILELIST).is_file():
+        files = [val_dir / p for p in filelist.read(val_dir).paths]
+    else:
+        files = sorted(p for p in val_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if len(files) < 2:
         raise UsageError(f"{val_dir}: need validation images for the cross-correlation "
                          f"(set --val-dir, or --no-crosscorr)")

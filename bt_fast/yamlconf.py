@@ -31,6 +31,8 @@ class StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False):
     seen = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *defaults``: merged keys may be overridden (YAML's rule)
         key = loader.construct_object(key_node, deep=deep)
         try:
             hash(key)
@@ -40,7 +42,8 @@ def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool 
             raise ConfigError(f"duplicate key {shown(key)} at line {key_node.start_mark.line + 1} "
                               f"(first at line {seen[key]})")
         seen[key] = key_node.start_mark.line + 1
-    return loader.construct_mapping(node, deep=deep)
+    loader.flatten_mapping(node)  # merge keys first, explicit keys after: the last one wins
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)

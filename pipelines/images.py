@@ -20,6 +20,7 @@ Problems are ``SourceError`` naming the file (the trainer's CLI prints one line)
 from __future__ import annotations
 
 import os
+import stat
 from contextlib import contextmanager
 
 from .errors import SourceError
@@ -47,6 +48,12 @@ def open_image(path: str | os.PathLike):
     from PIL import Image  # the decoder: only what opens images needs it
 
     limit = max_pixels()
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise SourceError(f"{path}: {e.strerror or type(e).__name__}") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block the open forever, a device never end
+        raise SourceError(f"{path}: not a regular file")
     # The check below replaces PIL's own (a warning at 89 M pixels, an error at twice
     # that, both global): one limit, one message naming the size and the setting.
     Image.MAX_IMAGE_PIXELS = None

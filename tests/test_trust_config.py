@@ -218,3 +218,13 @@ def test_fuzzed_yaml_documents_give_a_config_or_one_config_error(tmp_path_factor
             config.validate(config.load(path))
         except ConfigError as e:
             assert str(path) in str(e) and len(str(e)) < 1000
+
+
+def test_merge_keys_work_and_explicit_keys_override_them(tmp_path):
+    """``<<: *anchor`` (YAML's merge key) once failed as an unknown tag; duplicates stay errors."""
+    q = tmp_path / "m.yaml"
+    q.write_text("views:\n  - &v {size: 16, blur_p: 1.0}\n  - {<<: *v, blur_p: 0.1}\n")
+    assert [(v.size, v.blur_p) for v in config.load(q).views] == [(16, 1.0), (16, 0.1)]
+    q.write_text("views:\n  - &v {size: 16, blur_p: 1.0}\n  - {<<: *v, blur_p: 0.1, blur_p: 0.2}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'blur_p'"):
+        config.load(q)

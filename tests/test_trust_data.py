@@ -286,3 +286,29 @@ def test_truncated_webdataset_shard_is_named(tmp_path):
         shard.write_bytes(raw[:cut])
         with pytest.raises(SourceError, match=f"{shard}: (truncated tar shard|not a readable tar shard)"):
             WebDatasetSource([shard])
+
+
+def test_a_fifo_listed_by_hand_is_refused_not_waited_on(root):
+    os.mkfifo(root / "class0" / "fifo.jpg")  # opening it for reading would block forever
+    assert "not a regular file" in images.header_problem(root / "class0" / "fifo.jpg")
+    assert "not a regular file" in filelist.image_problem(root / "class0" / "fifo.jpg")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["synthetic", "--classes", "0"], "--classes 0: must be in [1, 10000]"),
+    (["synthetic", "--per-class", "-1"], "--per-class -1: must be in [1, 1000000]"),
+    (["synthetic", "--size", "0", "0"], "--size 0 0: must be in [1, 8192]"),
+])
+def test_data_sizes_are_checked_in_one_line(tmp_path, capsys, argv, needle):
+    assert main(["data", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_pixel_limit_stops_data_check_before_the_list_is_rewritten(root, capsys, monkeypatch):
+    before = (root / "filelist.txt").read_bytes()
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "0")
+    assert main(["data", "check", str(root)]) == 2
+    assert "BT_FAST_MAX_IMAGE_PIXELS='0'" in capsys.readouterr().err
+    assert (root / "filelist.txt").read_bytes() == before
