@@ -10,7 +10,6 @@ good ones.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import os
 import struct
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bt_fast import safeio
 from bt_fast.errors import DataError, DiskFullError, UsageError
 from bt_fast.pipelines import filelist
 from bt_fast.pipelines.bounds import Range
@@ -38,14 +38,14 @@ FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def write_file_list(root: Path, entries: list[tuple[str, int]], classes: list[str]) -> None:
-    """Atomically write ROOT/filelist.txt and ROOT/classes.txt (a full disk is one line)."""
+    """Write ROOT/filelist.txt, classes.txt and filelist.checked through the write gate
+    (bt_fast.safeio: atomic, never through a link; a full disk is one line)."""
     try:
-        filelist.write(root, entries, classes)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DiskFullError(f"disk full while writing the file list of {root}; "
-                                "the previous list, if any, is intact") from None
-        raise
+        for name, text in filelist.render(entries, classes):
+            safeio.write_atomic(Path(root) / name, text)
+    except DiskFullError:
+        raise DiskFullError(f"disk full while writing the file list of {root}; "
+                            "the previous list, if any, is intact") from None
 
 
 def read_file_list(root: str | Path) -> tuple[list[str], list[int], list[str]]:

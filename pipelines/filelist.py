@@ -1,6 +1,7 @@
 """The one reader and writer of ``ROOT/filelist.txt``, the validated image list.
 
 ``bt-fast data check ROOT`` decodes every image under an ImageFolder root and writes
+(through the trainer's write gate; :func:`render` gives the texts)
 ``filelist.txt`` ("relative/path label" per line, UTF-8, labels are indices into
 ``classes.txt``) and ``classes.txt`` (one class folder name per line). The DALI reader,
 the torchvision reference recipe, evaluation and ``bt_fast.data`` all read the list
@@ -155,7 +156,7 @@ class RootGuard:
 
 
 STAMP = "filelist.checked"
-"""``ROOT/filelist.checked``: the SHA-256 of the filelist.txt that :func:`write` wrote. A
+"""``ROOT/filelist.checked``: the SHA-256 of the filelist.txt that ``data check`` wrote. A
 list it matches was made by ``data check`` (or bt-fast's own preparation), whose files
 were decoded under the read gate's rules; any other list (made by hand, edited) is
 checked header by header where it is read for training (see :func:`unchecked_problem`)."""
@@ -174,22 +175,12 @@ def stamp_text(entries_text: str) -> str:
     return hashlib.sha256(entries_text.encode("utf-8")).hexdigest() + "\n"
 
 
-def write(root: str | os.PathLike, entries: list[tuple[str, int]], classes: list[str]) -> None:
-    """Atomically write ``ROOT/filelist.txt`` and ``ROOT/classes.txt``.
-
-    Each is written to a temp file and renamed; on any error (a full disk) the temp
-    file is removed and the previous list, if any, stays in place.
-    """
-    root = Path(root)
+def render(entries: list[tuple[str, int]], classes: list[str]) -> list[tuple[str, str]]:
+    """(file name, text) of ``ROOT/filelist.txt``, ``classes.txt`` and the STAMP, in the
+    order to write them. The pipeline library writes nothing itself: the trainer writes
+    these through its one write gate (bt_fast.data.write_file_list -> bt_fast.safeio)."""
     listing = "".join(f"{p} {y}\n" for p, y in entries)
-    for name, text in ((FILELIST, listing), (CLASSES, "".join(f"{c}\n" for c in classes)),
-                       (STAMP, stamp_text(listing))):
-        tmp = root / f".{name}.tmp.{os.getpid()}"
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, root / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+    return [(FILELIST, listing), (CLASSES, "".join(f"{c}\n" for c in classes)), (STAMP, stamp_text(listing))]
 
 
 def image_problem(path: str | os.PathLike) -> str | None:

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from bt_fast import data
+from bt_fast import data, safeio
 from bt_fast.cli import main
 
 
@@ -111,16 +111,14 @@ def test_one_parser_skips_blank_lines_and_names_a_bad_line(tmp_path):
 
 def test_full_disk_while_writing_the_list_is_one_line_and_leaves_no_temp(tmp_path, monkeypatch, capsys):
     import errno
-    from pathlib import Path
 
     root = data.make_synthetic(tmp_path / "s", classes=2, train_per_class=2, val_per_class=1) / "val"
     before = (root / "filelist.txt").read_text()
 
-    def full(self, text, encoding=None):
-        Path.write_bytes(self, text.encode()[:3])
+    def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(safeio.os, "fsync", full)  # the first durable write fails
     assert main(["data", "check", str(root)]) == 2
     assert "disk full while writing the file list" in capsys.readouterr().err
     monkeypatch.undo()

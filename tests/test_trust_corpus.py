@@ -104,6 +104,7 @@ def test_hostile_corpus_through_data_check_loader_and_eval(tmp_path, capsys):
         with pytest.raises(SourceError) as e:
             FolderSource(train)
         assert f"c1/{name}" in str(e.value), str(e.value)
+        capsys.readouterr()  # the header scan's note, when the list itself parsed
         rc = main(["eval", "knn", "--pixels", "--config", str(cfg), "--workers", "0", "--quiet", "--k", "1"])
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and f"c1/{name}" in err and "Traceback" not in err, (name, err)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from bt_fast.cli import main
 from bt_fast.config import Config, ModelConfig, to_dict
-from bt_fast.data import make_synthetic
+from bt_fast.data import make_synthetic, write_file_list
 from bt_fast.errors import EvalError
 from bt_fast.eval.splits import check_splits
 from bt_fast.methods import build
@@ -148,7 +148,7 @@ def test_symlinks_leading_out_of_the_root_are_refused(root, tmp_path):
 
 
 def test_stamp_tells_a_checked_list_from_a_hand_made_one(root):
-    assert filelist.read(root).checked  # written by make_synthetic through filelist.write
+    assert filelist.read(root).checked  # written by make_synthetic through write_file_list
     text = (root / "filelist.txt").read_text()
     assert not relist(root, text + "class0/0000.jpg 0\n").checked
 
@@ -214,7 +214,7 @@ def linked_val(data, how):
     for rel in listing.paths[:3]:
         (val2 / rel).parent.mkdir(parents=True, exist_ok=True)
         how(data / "train" / rel, val2 / rel)
-    filelist.write(val2, [(p, y) for p, y in zip(listing.paths[:3], listing.labels[:3])], listing.classes)
+    write_file_list(val2, [(p, y) for p, y in zip(listing.paths[:3], listing.labels[:3])], listing.classes)
     return val2
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from bt_fast.bench import emit
+from bt_fast.data import write_file_list
 
 
 RECIPES = ("barlow_twins", "multicrop", "dino")
@@ -67,7 +68,7 @@ def make_jpegs(root: Path, n: int, seed: int = 0, size=(500, 375)) -> Path:
     """n natural-ish JPEGs (smooth colour fields + texture) as an ImageFolder + filelist."""
     rng = np.random.default_rng(seed)
     (root / "c0").mkdir(parents=True, exist_ok=True)
-    lines = []
+    entries = []
     w, h = size
     for i in range(n):
         coarse = rng.uniform(0, 255, (rng.integers(3, 9), rng.integers(3, 9), 3)).astype(np.uint8)
@@ -76,8 +77,8 @@ def make_jpegs(root: Path, n: int, seed: int = 0, size=(500, 375)) -> Path:
         img += 0.25 * (np.asarray(Image.fromarray(fine).resize((w, h), Image.BILINEAR), np.float32) - 128)
         img += rng.normal(0, 4, img.shape)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"c0/{i:05d}.jpg", quality=90)
-        lines.append(f"c0/{i:05d}.jpg 0\n")
-    (root / "filelist.txt").write_text("".join(lines))
+        entries.append((f"c0/{i:05d}.jpg", 0))
+    write_file_list(root, entries, ["c0"])  # the one writer of file lists (bt_fast.data)
     return root
 
 
