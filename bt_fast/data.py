@@ -22,7 +22,7 @@ from PIL import Image
 from bt_fast import safeio
 from bt_fast.errors import DataError, DiskFullError, UsageError
 from bt_fast.pipelines import filelist
-from bt_fast.pipelines.bounds import Range
+from bt_fast.pipelines.bounds import Range, flag_problem
 from bt_fast.pipelines.errors import SourceError
 from bt_fast.pipelines.filelist import FILELIST
 from bt_fast.pipelines.images import max_pixels
@@ -269,12 +269,9 @@ FLAG_RANGES = {"classes": Range(lo=1, hi=10_000), "per_class": Range(lo=1, hi=1_
 
 
 def run(args) -> int:
-    for name, rng in FLAG_RANGES.items():
-        value = getattr(args, name, None)
-        why = rng.problem(value) if value is not None else None
-        if why:
-            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            raise UsageError(f"--{name.replace('_', '-')} {shown}: {why}")
+    problem = flag_problem(args, FLAG_RANGES)
+    if problem:
+        raise UsageError(problem)
     if args.what == "fashion-mnist":
         prepare_fashion_mnist(args.out)
         if args.dev:

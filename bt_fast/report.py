@@ -27,6 +27,7 @@ import random
 from pathlib import Path
 
 from bt_fast.errors import UsageError
+from bt_fast.pipelines.bounds import Range, flag_problem
 
 PHASE_COLORS = {"data_wait": "tab:red", "forward": "tab:blue", "backward": "tab:orange",
                 "comm": "tab:purple", "optimizer": "tab:green"}
@@ -240,7 +241,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=int, default=64, help="embedding dims shown in the heatmap")
 
 
+FLAG_RANGES = {"batch": Range(lo=2, hi=65536), "dims": Range(lo=1, hi=65536)}
+"""Valid values of the numeric flags (a heatmap needs at least two images)."""
+
+
 def run(args) -> int:
+    problem = flag_problem(args, FLAG_RANGES)
+    if problem:
+        raise UsageError(problem)
     jsonl = args.run_dir / "metrics.jsonl"
     if not jsonl.is_file():
         raise UsageError(f"{jsonl}: not found; is {args.run_dir} a run folder?")

@@ -120,3 +120,17 @@ def check(obj: Any, prefix: str = "") -> None:
     """ValueError naming the first out-of-range field of ``obj`` (see :func:`problems`)."""
     for message in problems(obj, prefix):
         raise ValueError(message)
+
+
+def flag_problem(args: Any, ranges: dict[str, Range]) -> str | None:
+    """'--flag value: why' for the first command-line flag outside its range, else None.
+
+    ``ranges`` maps argparse dest names to Ranges; flags a command does not have (None)
+    are skipped. Commands raise their UserError with it (one line, exit 2)."""
+    for name, rng in ranges.items():
+        value = getattr(args, name, None)
+        why = rng.problem(value) if value is not None else None
+        if why:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            return f"--{name.replace('_', '-')} {shown}: {why}"
+    return None

@@ -312,3 +312,16 @@ def test_a_bad_pixel_limit_stops_data_check_before_the_list_is_rewritten(root, c
     assert main(["data", "check", str(root)]) == 2
     assert "BT_FAST_MAX_IMAGE_PIXELS='0'" in capsys.readouterr().err
     assert (root / "filelist.txt").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["report", "no-such-run", "--batch", "0"], "--batch 0: must be in [2, 65536]"),  # was a ZeroDivisionError
+    (["report", "no-such-run", "--dims", "-1"], "--dims -1: must be in [1, 65536]"),
+    (["bench", "step", "--batch", "0"], "--batch 0: must be in [1, 1048576]"),
+    (["bench", "pipeline", "--size", "0"], "--size 0: must be in [2, 8192]"),
+    (["bench", "pipeline", "--images", "-5"], "--images -5: must be in [1, 1000000]"),
+])
+def test_other_commands_check_their_sizes_in_one_line(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err

@@ -34,6 +34,8 @@ from PIL import Image
 
 from bt_fast.bench import emit
 from bt_fast.data import write_file_list
+from bt_fast.errors import UsageError
+from bt_fast.pipelines.bounds import Range, flag_problem
 
 
 RECIPES = ("barlow_twins", "multicrop", "dino")
@@ -143,7 +145,14 @@ def bench_torchvision(root: Path, args):
     return _rate(dl, args.batch)
 
 
+FLAG_RANGES = {"images": Range(lo=1, hi=10**6), "batch": Range(lo=1, hi=2**16), "size": Range(lo=2, hi=8192),
+               "threads": Range(lo=1, hi=1024), "local_size": Range(lo=2, hi=8192)}
+
+
 def run(args) -> int:
+    problem = flag_problem(args, FLAG_RANGES)
+    if problem:
+        raise UsageError(problem)
     import torch
 
     from bt_fast.pipelines.spec import expand

@@ -28,7 +28,9 @@ import torch
 from bt_fast import config, dist, methods, metrics, optim
 from bt_fast.bench import emit
 from bt_fast.device import threads_for
+from bt_fast.errors import UsageError
 from bt_fast.kernels import official_loss
+from bt_fast.pipelines.bounds import Range, flag_problem
 from bt_fast.pipelines.spec import expand
 
 
@@ -128,7 +130,13 @@ def set_peak_lrs(opt, cfg, scale: float = 1.0) -> None:
         g["lr"] = lr * scale
 
 
+FLAG_RANGES = {"batch": Range(lo=1, hi=2**20), "steps": Range(lo=1, hi=10**6)}
+
+
 def run(args) -> int:
+    problem = flag_problem(args, FLAG_RANGES)
+    if problem:
+        raise UsageError(problem)
     cfg = config.load(args.config, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default_threads = torch.get_num_threads()  # torch's choice: what the plain loop runs with

@@ -31,7 +31,7 @@ from bt_fast.eval.pixels import load_pixels
 from bt_fast.eval.readout import apply_readout
 from bt_fast.eval.semi import balanced_subset, finetune
 from bt_fast.eval.splits import check_splits
-from bt_fast.pipelines.bounds import Range
+from bt_fast.pipelines.bounds import Range, flag_problem
 
 __all__ = ["add_arguments", "run", "knn_eval", "knn_accuracy", "linear_probe", "balanced_subset",
            "finetune", "load_backbone", "split_features"]
@@ -125,12 +125,9 @@ FLAG_RANGES = {"k": Range(lo=1), "temperature": Range(lo=0, lo_open=True), "epoc
 def check_flags(args) -> None:
     """EvalError naming the first numeric flag outside its range (``--k 0``, ``--epochs -1``,
     ``--batch-size 0``, ``--percent 0``, NaN), before any data is read."""
-    for name, rng in FLAG_RANGES.items():
-        value = getattr(args, name, None)
-        why = rng.problem(value) if value is not None else None
-        if why:
-            shown = " ".join(map(str, value)) if isinstance(value, list) else value
-            raise EvalError(f"--{name.replace('_', '-')} {shown}: {why}")
+    problem = flag_problem(args, FLAG_RANGES)
+    if problem:
+        raise EvalError(problem)
     if getattr(args, "percent", None) is not None and args.percent not in (1.0, 10.0):
         raise EvalError(f"--percent {args.percent:g}: choose 1 or 10 (the official label fractions)")
 
