@@ -89,6 +89,7 @@ def prepare(run_dir: str | Path, clean: bool = True) -> Path:
     if not clean:
         return ckdir
     stale = safeio.remove_stale_temps(ckdir)
+    stale += safeio.remove_stale_temps(ckdir / "feedback")  # per-rank files (save_rank_file)
     if stale:
         print(f"removed {len(stale)} temp file(s) of an interrupted checkpoint write in {ckdir}",
               file=sys.stderr)
@@ -127,6 +128,30 @@ def save(obj: dict, run_dir: str | Path) -> Path:
     return path
 
 
+def rank_file(run_dir: str | Path, kind: str, step: int, rank: int) -> Path:
+    return checkpoint_dir(run_dir) / kind / f"step{step:09d}.rank{rank:05d}.pt"
+
+
+def save_rank_file(obj: dict, run_dir: str | Path, kind: str, step: int, rank: int, keep: int = 3) -> Path:
+    """One rank's own state at ``step`` (e.g. PowerSGD's error feedback), written atomically
+    by that rank, beside last.pt; files of all but the ``keep`` newest steps are removed.
+
+    Written before last.pt names ``step``, so the files of the steps last.pt and prev.pt
+    name are always among the three newest, whenever a kill comes.
+    """
+    path = rank_file(run_dir, kind, step, rank)
+    save_atomic(obj, path)
+    mine = sorted(path.parent.glob(f"step*.rank{rank:05d}.pt"))
+    for old in mine[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_rank_file(run_dir: str | Path, kind: str, step: int, rank: int) -> dict:
+    """What ``save_rank_file`` wrote; CheckpointError naming the file if it is absent or torn."""
+    return load(rank_file(run_dir, kind, step, rank), required=())
+
+
 # ------------------------------------------------------------------ reading
 
 
@@ -145,7 +170,7 @@ def strip_wrappers(state: dict) -> dict:
     return out
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def load(path: str | Path, map_location="cpu", required=("model", "step", "config")) -> dict:
     """Load a checkpoint with weights_only=True; CheckpointError (one line) if it is not one."""
     path = Path(path)
     if not path.is_file():
@@ -157,7 +182,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a readable bt_fast checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a bt_fast checkpoint (a {type(ckpt).__name__}, not a dict)")
-    missing = {"model", "step", "config"} - set(ckpt)
+    missing = set(required) - set(ckpt)
     if missing:
         raise CheckpointError(f"{path}: not a bt_fast checkpoint (missing {sorted(missing)})")
     return ckpt

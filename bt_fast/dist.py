@@ -12,9 +12,10 @@ What lives here, in the order a training run meets it:
   GPU-only; on the CPU the same math runs in ``CpuSyncBatchNorm`` (gloo), which is what
   the two-process tests exercise.
 - ``wrap_ddp``: DistributedDataParallel with the knobs that decide step time on a
-  cluster: bucket size, ``gradient_as_bucket_view``, ``static_graph``, and an optional
-  bf16 compression hook (the 8192-8192-8192 projector alone is ~151 M parameters, i.e.
-  ~0.6 GB of fp32 gradients per step; bf16 halves the bytes on the wire).
+  cluster: bucket size, ``gradient_as_bucket_view``, ``static_graph``, and the gradient
+  compression hook (bt_fast/gradcomm.py: the 8192-8192-8192 projector alone is ~151 M
+  parameters, ~0.6 GB of fp32 gradients per step; bf16 halves that, PowerSGD sends
+  low-rank factors).
 - ``StopFlag``: SIGTERM on any rank -> every rank stops after the same step.
 - ``settle``: before a rank exits, wait until gloo's worker thread has let go of the
   last collective's tensor (otherwise the rank can abort during interpreter shutdown).
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bt_fast import gradcomm
 from bt_fast.errors import ResumeError
 from bt_fast.kernels.collectives import AllReduceSum as _AllReduceSum  # forward and backward sum
 
@@ -165,7 +167,7 @@ def convert_sync_bn(model: nn.Module, env: Env, enabled: bool = True) -> nn.Modu
 # ------------------------------------------------------------------ DDP
 
 
-def wrap_ddp(model: nn.Module, cfg, env: Env) -> nn.Module:
+def wrap_ddp(model: nn.Module, cfg, env: Env, *, powersgd_start: int = 2, group=None) -> nn.Module:
     """DistributedDataParallel tuned by ``cfg`` (a ``DistConfig``); the model itself alone.
 
     - ``bucket_cap_mb``: gradients are all-reduced in buckets of this size while
@@ -176,8 +178,8 @@ def wrap_ddp(model: nn.Module, cfg, env: Env) -> nn.Module:
       ResNet-50 + projector).
     - ``static_graph``: the same parameters are used every step, so DDP may skip
       the unused-parameter search and overlap more.
-    - ``grad_compression="bf16"``: buckets travel as bf16 and are cast back (mean over
-      ranks, like the default hook); halves the traffic at ~3 significant digits.
+    - ``grad_compression``: none | bf16 | powersgd, a DDP communication hook
+      (bt_fast/gradcomm.py); PowerSGD's state object is ``ddp.grad_comm`` (else None).
     """
     if not env.distributed:
         return model
@@ -195,14 +197,10 @@ def wrap_ddp(model: nn.Module, cfg, env: Env) -> nn.Module:
         bucket_cap_mb=cfg.bucket_cap_mb,
         gradient_as_bucket_view=True,
         static_graph=cfg.static_graph,
+        process_group=group,
         **no_buffer_sync,
     )
-    if cfg.grad_compression == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    elif cfg.grad_compression != "none":
-        raise ValueError(f"dist.grad_compression={cfg.grad_compression!r}: use none | bf16")
+    ddp.grad_comm = gradcomm.register(ddp, cfg, start=powersgd_start, group=group)
     return ddp
 
 

@@ -10,7 +10,9 @@ size torchrun may pick (NODES may be MIN:MAX), and starts torchrun only if it pa
 
 It checks what is known before the workers start and cheap to know: the config
 (keys, types, values), the global batch against each world size, the file list (it
-exists, parses, holds a batch per rank) and that the run folder is writable. A failure
+exists, parses, holds a batch per rank), that the run folder is writable, and the
+gradient compression against each world size and the run's length (PowerSGD on one
+rank, a start step past the end, error feedback saved by another world size). A failure
 is one line and exit 2, as ``bt-fast train`` would print it.
 """
 
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bt_fast import checkpoint, config, train
-from bt_fast.errors import way_out
+import torch
+
+from bt_fast import checkpoint, config, gradcomm, train
+from bt_fast.errors import ResumeError, way_out
 from bt_fast.pipelines import filelist
 from bt_fast.pipelines.loader import batches_per_epoch
 
@@ -32,9 +36,32 @@ def check(cfg: config.Config, world_sizes: list[int]) -> None:
     if cfg.data.reader == "folder":
         images = len(filelist.read(cfg.data.train_dir))  # SourceError if missing or malformed
         for w in world_sizes:
-            batches_per_epoch(images, w, cfg.data.batch_size // w, where=cfg.data.train_dir)
+            steps = batches_per_epoch(images, w, cfg.data.batch_size // w, where=cfg.data.train_dir)
+            total = max(1, round(cfg.optim.epochs * steps))  # as train.setup counts them
+            last = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+            gradcomm.check_run(cfg, w, round(cfg.optim.warmup_epochs * steps), last)
+    else:  # no image count without reading the shards: the world size alone
+        for w in world_sizes:
+            gradcomm.check_run(cfg, w, 0, sys.maxsize)
+    check_resume(cfg, world_sizes)
     # Writable? Temp files stay: a node joining a running elastic job must not touch them.
     checkpoint.prepare(cfg.train.run_dir, clean=False)
+
+
+def check_resume(cfg: config.Config, world_sizes: list[int]) -> None:
+    """A checkpoint whose PowerSGD error feedback was written by another world size
+    cannot resume (each rank's buffer is its own); read through mmap, so cheap."""
+    path = checkpoint.latest(cfg.train.run_dir)
+    if path is None or cfg.dist.grad_compression != "powersgd":
+        return
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("grad_comm")
+    except Exception:  # noqa: BLE001 - unreadable: the trainer falls back to prev.pt and says so
+        return
+    if saved and saved["world_size"] not in world_sizes:
+        raise ResumeError(f"{path}: its PowerSGD state (error feedback) is from {saved['world_size']} "
+                          f"rank(s), this launch has {' or '.join(map(str, world_sizes))}; start a new "
+                          "train.run_dir or launch that many ranks")
 
 
 def main(argv: list[str] | None = None) -> int:

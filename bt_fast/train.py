@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from bt_fast import checkpoint, config, dist, methods, metrics, optim
+from bt_fast import checkpoint, config, dist, gradcomm, methods, metrics, optim
 from bt_fast.device import autocast, data_device, place_views, set_cudnn, set_threads
 from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError, ResumeError
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
@@ -54,6 +54,7 @@ class Run:
     warmup_steps: int
     guard: "BufferGuard | None" = None  # built by the first train_step (bench step builds Run by hand)
     steps_per_epoch: int = 1  # for the methods' epoch-based schedules (DINO's teacher temperature)
+    comm: "gradcomm.PowerSGD | None" = None  # PowerSGD's hook state (error feedback, Q), else None
 
 
 class BufferGuard:
@@ -91,6 +92,8 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
         run.guard = BufferGuard(run.model)
     run.guard.hold()
     run.model.start_step(run.step, run.steps_per_epoch)  # host-side schedules (SwAV, DINO)
+    if run.comm is not None:
+        run.comm.hold()  # a skipped step must not feed its NaN back through error feedback
     with autocast(run.cfg, run.env.device):
         # e.g. [z1, z2], each [B_local, D]; multi-crop methods run one backbone pass per size
         outputs = run.ddp(views)
@@ -115,6 +118,8 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
         applied = finite & (found_inf == 0)
     run.scaler.update()
     run.guard.keep_if(applied)
+    if run.comm is not None:
+        run.comm.keep_if(applied)
     run.model.after_step(run.step, run.total_steps, applied)
     timer.mark("optimizer")
     return {"loss": loss.detach(), "terms": {k: v.detach() for k, v in terms.items()},
@@ -187,7 +192,7 @@ def setup(cfg: config.Config) -> Run:
         model = dist.convert_sync_bn(model, env)
     optimizer = optim.build(model, cfg.optim)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
-    step, pipeline_state, entries = 0, None, None
+    step, pipeline_state, entries, ckpt, last = 0, None, None, None, None
     if env.is_main:
         checkpoint.prepare(run_dir)  # writable? temp files of a killed run removed
     found = checkpoint.load_latest(run_dir)  # last.pt, else prev.pt with a warning
@@ -210,7 +215,13 @@ def setup(cfg: config.Config) -> Run:
     steps_per_epoch = len(loader)
     total = max(1, round(cfg.optim.epochs * steps_per_epoch))
     last_step = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
-    ddp = dist.wrap_ddp(model, cfg.dist, env)
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    gradcomm.check_run(cfg, env.world_size, warmup, last_step)
+    ddp = dist.wrap_ddp(model, cfg.dist, env, powersgd_start=gradcomm.start_step(cfg, warmup))
+    comm = getattr(ddp, "grad_comm", None)
+    warning = gradcomm.resume(comm, ckpt, last, step, env.rank, run_dir)
+    if warning and env.is_main:
+        print(f"warning: {warning}", file=sys.stderr)
     if cfg.train.compile:
         # Compile the DDP wrapper, not the module inside it: DDP's hooks (and the
         # SyncBatchNorm all-reduces) then stay visible to dynamo instead of breaking
@@ -219,7 +230,7 @@ def setup(cfg: config.Config) -> Run:
     if env.is_main:
         config.save(cfg, run_dir / "config.yaml")
     return Run(cfg, env, run_dir, model, ddp, optimizer, scaler, loader, step, total, last_step,
-               round(cfg.optim.warmup_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch)
+               warmup, steps_per_epoch=steps_per_epoch, comm=comm)
 
 
 def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
@@ -234,7 +245,12 @@ def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
 
 def save_checkpoint(run: Run, logger) -> None:
     """Every rank reaches this at the same step; rank 0 writes (weights are replicated;
-    data positions and RNG states are per rank and gathered)."""
+    data positions and RNG states are per rank and gathered; PowerSGD's error feedback is
+    per rank and each rank writes its own file, before last.pt names its step)."""
+    comm = {}
+    if run.comm is not None:
+        comm["grad_comm"], local = run.comm.state_dict()
+        checkpoint.save_rank_file(local, run.run_dir, "feedback", run.step, run.env.rank)
     pipelines = dist.gather_per_rank(run.loader.state_dict())
     rngs = dist.gather_per_rank(checkpoint.rng_state())
     if run.env.is_main:
@@ -246,7 +262,7 @@ def save_checkpoint(run: Run, logger) -> None:
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "step": run.step, "rng": rngs,
             "pipeline": pipelines, "config": config.to_dict(run.cfg),
-            **({"data_entries": torch.from_numpy(entries())} if entries else {}),
+            **({"data_entries": torch.from_numpy(entries())} if entries else {}), **comm,
         }, run.run_dir)
         logger.log_checkpoint(time.perf_counter() - t0, run.step)
     dist.barrier()
