@@ -52,7 +52,7 @@ def test_layout_groups_by_shape_in_first_appearance_order():
 
 
 @pytest.mark.parametrize("setting,message", [
-    ("dist.powersgd_rank=0", "must be >= 1"),
+    ("dist.powersgd_rank=0", r"dist.powersgd_rank=0: must be in \[1, 1024\]"),
     ("dist.powersgd_start=1", "a step >= 2"),
     ("dist.grad_compression=topk", "choose one of none, bf16, powersgd"),
 ])
