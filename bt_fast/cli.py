@@ -20,7 +20,7 @@ COMMANDS = {
     "train": ("bt_fast.train", "pretrain (Barlow Twins, VICReg, SimCLR, BYOL): bt-fast train --config PATH [--set k=v ...]"),
     "eval": ("bt_fast.eval", "evaluate a checkpoint: bt-fast eval {knn,linear,semi} --checkpoint PATH"),
     "data": ("bt_fast.data", "prepare or validate data: bt-fast data {fashion-mnist,synthetic,check}"),
-    "bench": ("bt_fast.bench", "side-by-side benchmarks: bt-fast bench {pipeline,loss,step} [--json]"),
+    "bench": ("bt_fast.bench", "side-by-side benchmarks: bt-fast bench {pipeline,loss,step,comm} [--json]"),
     "tune": ("bt_fast.tune", "probe throughput knobs, write the best as a config overlay"),
     "report": ("bt_fast.report", "plots from a run folder: bt-fast report RUN_DIR"),
     "doctor": ("bt_fast.doctor", "check this node: versions, GPU correctness and speed: bt-fast doctor [--json] [--quick]"),

@@ -1,4 +1,4 @@
-"""``bt-fast bench {pipeline,loss,step} [--json]``: contender and baseline side by side.
+"""``bt-fast bench {pipeline,loss,step,comm} [--json]``: contender and baseline side by side.
 
 Each benchmark runs in one process on the same cores and prints ratios, because the
 machines are shared and noisy; never compare numbers from different runs.
@@ -13,6 +13,7 @@ BENCHES = {
     "pipeline": "bt_fast.bench.pipeline",  # DALI recipe vs torchvision DataLoader vs decode+crop ceiling
     "loss": "bt_fast.bench.loss",  # reference / dense / gram vs the official formulation
     "step": "bt_fast.bench.step",  # full train step vs the plain training loop
+    "comm": "bt_fast.bench.comm",  # gradient bytes per step of each dist.grad_compression, vs the model
 }
 
 

@@ -125,14 +125,18 @@ class CollectiveTally:
     contributes (the input of an all-gather, the buffer of an all-reduce).
     """
 
-    def __init__(self):
+    def __init__(self, group=None):
         self.calls, self.phase, self._saved = [], "", {}
+        self.group = group  # count only this group's calls (None: every call)
 
     def _wrap(self, name, fn):
         def counted(*args, **kwargs):
-            w = dist.get_world_size(kwargs.get("group"))
-            t = args[1] if name.startswith(("all_gather", "reduce_scatter")) else args[0]
-            self.calls.append((self.phase, name, _nbytes(t), _RING[name](t, w)))
+            group = kwargs.get("group")
+            if self.group is None or group is self.group:
+                w = dist.get_world_size(group)
+                t = args[1] if name.startswith(("all_gather", "reduce_scatter")) else args[0]
+                # list.append is atomic: hooks' chained collectives may call from gloo's threads
+                self.calls.append((self.phase, name, _nbytes(t), _RING[name](t, w)))
             return fn(*args, **kwargs)
 
         return counted
