@@ -224,10 +224,10 @@ def from_dict(values: dict, source: str = "<dict>", method: Optional[str] = None
     """
     values = upgrade(values or {})
     name = method or _named_method(values) or MethodConfig().name
-    values = take_method_views(values, name)
-    if not values.get("views"):
-        values = {**values, "views": method_views(name)}
     try:
+        values = take_method_views(values, name)
+        if not values.get("views"):
+            values = {**values, "views": method_views(name)}
         return build(Config, values, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -240,6 +240,11 @@ def take_method_views(values: dict, name: str) -> dict:
     section = (values.get("method") or {}).get(name) if isinstance(values.get("method"), dict) else None
     if not isinstance(section, dict) or not section.get("views"):
         return values
+    views = section["views"]
+    for i, item in enumerate(views if isinstance(views, list) else [views]):  # errors name the section
+        build(ViewSpec, item, f"method.{name}.views[{i}]") if isinstance(item, dict) else None
+    if not isinstance(views, list) or not all(isinstance(v, dict) for v in views):
+        raise ConfigError(f"method.{name}.views: expected a list of view mappings, got {views!r}")
     method = {**values["method"], name: {**section, "views": []}}
     return {**values, "views": section["views"], "method": method}
 

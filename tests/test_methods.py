@@ -203,3 +203,18 @@ def test_every_shipped_config_loads_and_validates(path):
     config.validate(cfg)
     if path.stem.startswith("imagenet_"):  # the published recipes name their method
         assert cfg.method.name == path.stem.removeprefix("imagenet_")
+
+
+def test_a_method_sections_views_are_the_runs_views():
+    """fmnist.yaml gives SwAV and DINO multi-crop views in their sections: picking the method
+    picks them (moved up to ``views``, which --set then edits); other methods keep the file's."""
+    swav = config.load(CONFIGS / "fmnist.yaml", ["method.name=swav", "views.1.size=14"])
+    assert [v.size for v in expand(swav.views)] == [28, 28] + [14] * 6 and swav.method.swav.views == []
+    bt = config.load(CONFIGS / "fmnist.yaml")
+    assert [v.size for v in expand(bt.views)] == [28, 28] and len(bt.method.dino.views) == 3
+    again = config.from_dict(config.to_dict(swav))  # what a checkpoint's config reads back as
+    assert again.views == swav.views
+    with pytest.raises(ConfigError, match=r"method\.dino\.views\[1\]: blur_p=2.0"):
+        config.load(CONFIGS / "fmnist.yaml", ["method.name=dino", "method.dino.views=[{size: 28}, {blur_p: 2}]"])
+    with pytest.raises(ConfigError, match="method.swav.views: expected a list of view mappings"):
+        config.load(None, ["method.name=swav", "method.swav.views=5"])
