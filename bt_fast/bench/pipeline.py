@@ -44,13 +44,9 @@ RECIPES = ("barlow_twins", "multicrop", "dino")
 def recipe_views(args) -> list:
     """The views of ``args.recipe`` (bt_fast.pipelines.presets) at ``args.size``; Barlow
     Twins' for callers whose args name no recipe (``bt-fast doctor``)."""
-    from bt_fast.errors import UsageError
     from bt_fast.pipelines import presets
 
     recipe = getattr(args, "recipe", "barlow_twins")
-    if min(args.size, getattr(args, "local_size", 96)) <= 0:
-        raise UsageError(f"bench pipeline: --size {args.size} and --local-size "
-                         f"{getattr(args, 'local_size', 96)} must be positive")
     if recipe == "barlow_twins":
         return presets.barlow_twins(args.size)
     return presets.get(recipe, size=args.size, local_size=getattr(args, "local_size", 96))
