@@ -69,7 +69,7 @@ def read(root: str | os.PathLike) -> FileList:
         raise SourceError(f"{root}: no {FILELIST}; run `bt-fast data check {root}` to validate "
                             "the images and write it")
     raw = _read_bytes(listing)
-    text = _utf8(raw, listing, root)
+    text = _utf8(raw, listing, root).removeprefix("\ufeff")  # a Windows editor's byte-order mark
     classes = []
     if (root / CLASSES).is_file():
         classes = [c for c in _utf8(_read_bytes(root / CLASSES), root / CLASSES, root).split("\n") if c]

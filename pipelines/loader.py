@@ -115,9 +115,13 @@ class MultiViewLoader:
         self._names = [f"view{i}" for i in range(len(self.views))] + ["labels"]
         if debug:
             self._names += [f"{c}{i}" for i in range(len(self.views)) for c in COINS]
-        self._it = DALIGenericIterator([self._pipe], self._names, reader_name=READER,
-                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=False,
-                                       prepare_first_batch=False)
+        try:  # builds the pipeline: DALI's readers open (and index) every file or shard here
+            self._it = DALIGenericIterator([self._pipe], self._names, reader_name=READER,
+                                           last_batch_policy=LastBatchPolicy.DROP, auto_reset=False,
+                                           prepare_first_batch=False)
+        except RuntimeError:
+            self._name_unreadable()
+            raise  # no listed file is bad: not a data problem, keep DALI's error
 
     def __len__(self) -> int:
         return self._len
@@ -158,13 +162,17 @@ class MultiViewLoader:
             return next(self._it)
         except StopIteration:
             raise
-        except RuntimeError as e:  # DALI's critical pipeline error; the pipeline is now dead
-            find = getattr(self.source, "find_unreadable", None)
-            found = find and find(shard_id=self.shard_id, num_shards=self.num_shards, seed=self.seed,
-                                  epoch=self.epoch, sample=self._pos * self.batch_size,
-                                  log=lambda m: print(m, file=sys.stderr, flush=True))
-            if not found:
-                raise  # no listed file is bad: not a data problem, keep DALI's error
+        except RuntimeError:  # DALI's critical pipeline error; the pipeline is now dead
+            self._name_unreadable()
+            raise  # no listed file is bad: not a data problem, keep DALI's error
+
+    def _name_unreadable(self) -> None:
+        """SourceError naming the file (or shard) that stopped DALI, if the source finds one."""
+        find = getattr(self.source, "find_unreadable", None)
+        found = find and find(shard_id=self.shard_id, num_shards=self.num_shards, seed=self.seed,
+                              epoch=self.epoch, sample=self._pos * self.batch_size,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+        if found:
             path, reason = found
             where = (f"it is listed in {self.source.root / FILELIST} but became unreadable after "
                      "`bt-fast data check`" if hasattr(self.source, "root") else "it changed since the run started")

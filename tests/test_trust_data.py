@@ -147,6 +147,13 @@ def test_symlinks_leading_out_of_the_root_are_refused(root, tmp_path):
     assert all("elsewhere" not in p and "link" not in p for p in filelist.read(root).paths)
 
 
+def test_crlf_and_a_byte_order_mark_are_read_as_the_same_list(root):
+    expected = filelist.read(root).paths
+    text = (root / "filelist.txt").read_text()
+    (root / "filelist.txt").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert filelist.read(root).paths == expected
+
+
 def test_stamp_tells_a_checked_list_from_a_hand_made_one(root):
     assert filelist.read(root).checked  # written by make_synthetic through write_file_list
     text = (root / "filelist.txt").read_text()
@@ -280,8 +287,13 @@ def test_truncated_webdataset_shard_is_named(tmp_path):
                 info = tarfile.TarInfo(f"{i:03d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    assert len(WebDatasetSource([shard])) == 4
+    source = WebDatasetSource([shard])
+    assert len(source) == 4
     raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 3])  # cut after the source was made: the loader names it
+    from bt_fast.pipelines import MultiViewLoader, ViewSpec
+    with pytest.raises(SourceError, match=f"{shard}: truncated tar shard .*changed since the run started"):
+        list(MultiViewLoader(source, [ViewSpec(size=16), ViewSpec(size=16)], 2, device="cpu", num_threads=1))
     for cut in (700, 1800, 3000, len(raw) // 2 + 100):
         shard.write_bytes(raw[:cut])
         with pytest.raises(SourceError, match=f"{shard}: (truncated tar shard|not a readable tar shard)"):
