@@ -140,6 +140,9 @@ class TrainConfig:
     """Steps between checkpoints (0 = only at the end)."""
     run_dir: str = "runs/default"
     """Folder for config.yaml, metrics.jsonl and checkpoints/."""
+    stop_at: str = ""
+    """End the run (checkpoint, exit 0) when the monitor reaches a target: "knn=85.0"
+    (kNN top-1 at model.readout) or "linear=80" (the online probe); "" = never."""
 
 
 @dataclass
@@ -167,6 +170,34 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = bounded(0, ge=0, le=2**31 - 1)
+    """Steps between kNN monitors (bt_fast/monitor.py), and at the last step; 0 = off."""
+    bank: int = bounded(10000, ge=0, le=2**31 - 1)
+    """Labelled bank: a seeded subset of this many data.train_dir images (0 = all)."""
+    query: int = bounded(5000, ge=0, le=2**31 - 1)
+    """Query set: a seeded subset of this many data.val_dir images (0 = all)."""
+    online_probe: bool = False
+    """Train a linear classifier on the detached backbone features every step."""
+    probe_lr: float = bounded(0.1, gt=0, le=1e3)
+    """The online probe's SGD learning rate (momentum 0.9, no weight decay, constant)."""
+
+
+def parse_stop_at(spec: str) -> tuple[str, float] | None:
+    """"knn=85.0" -> ("knn", 85.0); "" -> None; ValueError naming the forms otherwise."""
+    if not spec:
+        return None
+    metric, _, value = str(spec).partition("=")
+    try:
+        target = float(value)
+    except ValueError:
+        target = None
+    if metric.strip() not in ("knn", "linear") or target is None:
+        raise ValueError(f"stop_at={spec!r}: expected knn=TOP1 or linear=TOP1, e.g. knn=85.0")
+    return metric.strip(), target
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     # A YAML file without views (or with []) gets its method's preset (from_dict); a
@@ -178,6 +209,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def resolved_views(cfg: Config) -> List[ViewSpec]:
@@ -212,6 +244,19 @@ def validate(cfg: Config) -> None:
     for problem in bounds.problems(cfg):
         raise ConfigError(problem)
     gradcomm.validate(cfg)
+    validate_eval(cfg)
+
+
+def validate_eval(cfg: Config) -> None:
+    """What the monitor's ranges (bounded above) cannot say: ``train.stop_at``."""
+    try:
+        target = parse_stop_at(cfg.train.stop_at)
+    except ValueError as e:
+        raise ConfigError(f"train.{e}") from None
+    if target and not cfg.eval.every:
+        raise ConfigError(f"train.stop_at={cfg.train.stop_at!r} needs the monitor: set eval.every > 0")
+    if target and target[0] == "linear" and not cfg.eval.online_probe:
+        raise ConfigError(f"train.stop_at={cfg.train.stop_at!r} needs eval.online_probe=true")
 
 
 def from_dict(values: dict, source: str = "<dict>", method: Optional[str] = None) -> Config:

@@ -107,6 +107,7 @@ def panels() -> list[dict]:
                     "on_diag, off_diag; VICReg: invariance, variance, covariance; SimCLR and "
                     "BYOL: the loss alone)."),
         _panel("Learning rate", [("avg by (group) (bt_train_lr)", "{{group}}")]),
+        representation_quality(),
         _panel("GPU memory", [("max by (rank) (bt_gpu_memory_allocated_bytes)", "allocated {{rank}}"),
                               ("max by (rank) (bt_gpu_memory_reserved_bytes)", "reserved {{rank}}"),
                               ("max by (rank) (bt_gpu_memory_peak_bytes)", "peak {{rank}}")],
@@ -121,6 +122,27 @@ def panels() -> list[dict]:
                 ("max(bt_checkpoint_duration_seconds_sum / bt_checkpoint_duration_seconds_count)",
                  "mean checkpoint s")]),
     ]
+
+
+def representation_quality() -> dict:
+    """The monitor's curve (bt_fast/monitor.py) over its two cached reference lines."""
+    panel = _panel(
+        "Representation quality",
+        [("max by (readout) (bt_eval_knn_top1)", "kNN top-1 {{readout}}"),
+         ("max by (readout) (bt_eval_online_linear_top1)", "online linear {{readout}}"),
+         ("max by (readout) (bt_eval_online_linear_train_top1)", "online linear, train batches"),
+         ("max by (readout, baseline) (bt_eval_knn_baseline_top1)", "{{baseline}} {{readout}}")],
+        unit="percent", w=24,
+        desc="kNN (k=20, T=0.07) of a fixed val subset against a fixed train bank, every "
+             "eval.every steps; the online linear probe on the same query. Dashed: the same "
+             "kNN at random init and on the raw pixels (computed once per data set, cached). "
+             "A curve under the dashed lines has learned nothing the pixels did not know.")
+    panel["fieldConfig"]["defaults"]["custom"]["showPoints"] = "always"
+    panel["fieldConfig"]["overrides"] = [{
+        "matcher": {"id": "byRegexp", "options": "^(random_init|pixels) .*"},
+        "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                       {"id": "custom.showPoints", "value": "never"}]}]
+    return panel
 
 
 def _layout(items: list[dict]) -> list[dict]:

@@ -36,6 +36,12 @@ bt_train_epoch, bt_train_step          gauge      progress
 bt_nonfinite_steps_total               counter    steps whose loss was NaN/inf
 bt_checkpoint_duration_seconds         histogram  time to write one checkpoint
 bt_info                                info       version, config_hash, world_size
+bt_eval_knn_top1                       gauge      per ``readout``: the kNN monitor's top-1 %
+bt_eval_online_linear_top1             gauge      per ``readout``: the online probe on the query
+bt_eval_online_linear_train_top1       gauge      the probe's train top-1 % over the last window
+bt_eval_knn_baseline_top1              gauge      per ``readout``, ``baseline`` (random_init,
+                                                  pixels): the reference lines (cached)
+bt_eval_monitor_seconds                gauge      wall time spent in the monitor so far
 bt_gpu_memory_{allocated,reserved,     gauge      bytes, CUDA only
 peak}_bytes
 process_*                              (std)      RSS, CPU seconds, open fds
@@ -155,6 +161,9 @@ class Sink:
     def log_checkpoint(self, seconds: float, step: int) -> None:
         """A checkpoint took ``seconds`` to write; sinks may ignore it."""
 
+    def log_eval(self, record: Dict[str, Any], step: int) -> None:
+        """A monitor's result (bt_fast/monitor.py: eval_knn_top1, ...); sinks may ignore it."""
+
     def close(self) -> None:
         """Flush and release resources."""
 
@@ -192,7 +201,24 @@ class ConsoleSink(Sink):
             parts.append(f"ETA {fmt_duration(per_step * (self.total_steps - step))}")
         if record.get("nonfinite_steps"):
             parts.append(f"non-finite steps {int(record['nonfinite_steps'])}")
+        if "online_linear_train_top1" in record:
+            parts.append(f"probe train {record['online_linear_train_top1']:.1f}%")
         self._last = (now, step)
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+    def log_eval(self, record: Dict[str, Any], step: int) -> None:
+        """One line per monitor: the curve's points as they come."""
+        parts = [f"step {step}: eval"]
+        for key, value in record.items():
+            if key.startswith("eval_knn_top1"):
+                readout = key[len("eval_knn_top1_"):] or "model.readout"
+                parts.append(f"kNN {value:.2f} ({readout})")
+        if "eval_online_linear_top1" in record:
+            parts.append(f"online linear {record['eval_online_linear_top1']:.2f}")
+        if "images_seen" in record:
+            parts.append(f"{int(record['images_seen']):,} images")
+        if "monitor_s" in record:
+            parts.append(f"monitor {record['monitor_s']:.1f} s so far")
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def log_checkpoint(self, seconds: float, step: int) -> None:
@@ -209,7 +235,14 @@ class JsonlSink(Sink):
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        torn = False
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
         self._file = open(path, "a", buffering=1)  # line-buffered: readable while running
+        if torn:  # a killed run's torn last line: end it, or it swallows our first record
+            self._file.write("\n")
         self._t0 = time.time()
 
     def _write(self, obj: dict) -> None:
@@ -227,6 +260,12 @@ class JsonlSink(Sink):
 
     def log_checkpoint(self, seconds: float, step: int) -> None:
         self._write({"step": int(step), "time": time.time(), "checkpoint_duration_s": seconds})
+
+    def log_eval(self, record: Dict[str, Any], step: int) -> None:
+        """{"step", "time", "elapsed_s", "eval_knn_top1", ...}: one record per monitor."""
+        now = time.time()
+        self._write({"step": int(step), "time": now, "elapsed_s": now - self._t0,
+                     **{k: float(v) for k, v in record.items() if isinstance(v, (int, float))}})
 
     def close(self) -> None:
         self._file.close()
@@ -246,6 +285,10 @@ class Sinks(Sink):
         for sink in self.sinks:
             sink.log_checkpoint(seconds, step)
 
+    def log_eval(self, record: Dict[str, Any], step: int) -> None:
+        for sink in self.sinks:
+            sink.log_eval(record, step)
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
@@ -261,7 +304,7 @@ class PrometheusSink(Sink):
 
     def __init__(self, port: int, host: str = "127.0.0.1", *, rank: int = 0,
                  world_size: int = 1, config_hash: str = "", version: Optional[str] = None,
-                 terms: Optional[tuple] = None):
+                 terms: Optional[tuple] = None, readout: str = "layer4:1"):
         import prometheus_client as pc
         from bt_fast import __version__
 
@@ -291,6 +334,19 @@ class PrometheusSink(Sink):
         self.nonfinite = pc.Counter("bt_nonfinite_steps", "Steps with a NaN/inf loss.", r, registry=reg)
         self.checkpoint_s = pc.Histogram("bt_checkpoint_duration_seconds", "Time to write a checkpoint.",
                                          r, buckets=CHECKPOINT_BUCKETS, registry=reg)
+        # The monitor (bt_fast/monitor.py): series appear at the first monitor, not at 0 %.
+        self.readout = readout
+        self.knn = pc.Gauge("bt_eval_knn_top1", "kNN top-1 (%) of the monitor's query set, k=20 T=0.07.",
+                            r + ["readout"], registry=reg)
+        self.online = pc.Gauge("bt_eval_online_linear_top1", "Online linear probe top-1 (%) on the "
+                               "monitor's query set.", r + ["readout"], registry=reg)
+        self.online_train = pc.Gauge("bt_eval_online_linear_train_top1", "Online linear probe train "
+                                     "top-1 (%) over the last log window.", r, registry=reg)
+        self.baseline = pc.Gauge("bt_eval_knn_baseline_top1", "kNN top-1 (%) of the same bank and "
+                                 "query at random init or on raw pixels (cached reference lines).",
+                                 r + ["readout", "baseline"], registry=reg)
+        self.monitor_s = pc.Gauge("bt_eval_monitor_seconds", "Wall time spent in the monitor so far.",
+                                  r, registry=reg)
         info = pc.Info("bt", "bt_fast build and run.", r, registry=reg)
         info.labels(rank=str(rank)).info({"version": version or __version__,
                                           "config_hash": config_hash, "world_size": str(world_size)})
@@ -333,6 +389,8 @@ class PrometheusSink(Sink):
         for key, value in record.items():
             if key.startswith("loss_"):  # the trainer logs each method term as loss_<term>
                 self.loss_term.labels(rank=rank, term=key[len("loss_"):]).set(float(value))
+        if "online_linear_train_top1" in record:
+            self.online_train.labels(rank=rank).set(float(record["online_linear_train_top1"]))
         for key, group in (("lr", "weights"), ("lr_biases", "biases")):
             if key in record:
                 self.lr.labels(rank=rank, group=group).set(float(record[key]))
@@ -351,6 +409,23 @@ class PrometheusSink(Sink):
 
     def log_checkpoint(self, seconds: float, step: int) -> None:
         self.checkpoint_s.labels(rank=self.rank).observe(seconds)
+
+    def log_eval(self, record: Dict[str, Any], step: int) -> None:
+        rank = self.rank
+        for key, value in record.items():
+            if key.startswith("eval_knn_top1"):
+                readout = key[len("eval_knn_top1_"):] or self.readout
+                self.knn.labels(rank=rank, readout=readout).set(float(value))
+            elif key.startswith("baseline_knn_top1_"):
+                name = key[len("baseline_knn_top1_"):]  # random_init[_<readout>] | pixels
+                baseline, _, readout = name.partition("_init")
+                baseline = "random_init" if baseline == "random" else baseline
+                readout = readout.lstrip("_") or (self.readout if baseline == "random_init" else "pixels")
+                self.baseline.labels(rank=rank, readout=readout, baseline=baseline).set(float(value))
+        if "eval_online_linear_top1" in record:
+            self.online.labels(rank=rank, readout="layer4:1").set(float(record["eval_online_linear_top1"]))
+        if "monitor_s" in record:
+            self.monitor_s.labels(rank=rank).set(float(record["monitor_s"]))
 
     def close(self) -> None:
         self._server.shutdown()
@@ -378,7 +453,7 @@ def open_sinks(cfg, run_dir: Path, *, rank: int, local_rank: int, world_size: in
         sinks.append(PrometheusSink(
             port=cfg.metrics.port + local_rank, host=cfg.metrics.host, rank=rank,
             world_size=world_size, config_hash=config_hash(cfg),
-            terms=tuple(METHODS[cfg.method.name].terms)))
+            terms=tuple(METHODS[cfg.method.name].terms), readout=cfg.model.readout))
     if rank == 0:
         sinks.append(ConsoleSink(total_steps))
         sinks.append(JsonlSink(Path(run_dir) / "metrics.jsonl"))

@@ -6,7 +6,10 @@ From ``RUN_DIR/metrics.jsonl`` (written by the JSONL sink on rank 0):
 - ``step_time.png``: mean step time per phase, stacked, and the data-wait share;
 - ``loss.png``: the loss and whatever named terms the run's method logs (Barlow Twins:
   on-diagonal and off-diagonal; VICReg: invariance, variance, covariance);
-- ``dashboard.png``: the four above and the learning rate on one page.
+- ``dashboard.png``: the four above and the learning rate on one page;
+- ``accuracy.png`` (runs with the monitor, bt_fast/monitor.py): kNN and online-linear
+  top-1 against wall time and against images seen, over the dashed random-init and
+  raw-pixel reference lines.
 
 From ``RUN_DIR/checkpoints/last.pt``, if present and the run is Barlow Twins (skip with
 ``--no-crosscorr``):
@@ -34,17 +37,41 @@ PHASE_COLORS = {"data_wait": "tab:red", "forward": "tab:blue", "backward": "tab:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The training-log records (those with a loss), in step order; skips torn lines."""
+def read_jsonl(path: Path, key: str = "loss") -> list[dict]:
+    """The records holding ``key`` (training logs: loss; monitors: eval_knn_top1), in
+    step order; skips torn lines."""
     records = []
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # the last line of a killed run may be torn
-        if "loss" in rec:
+        if key in rec:
             records.append(rec)
     return sorted(records, key=lambda r: r["step"])
+
+
+def plot_accuracy(evals: list[dict], out: Path) -> Path:
+    """Top-1 against wall time and against images seen, baselines dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    curves = [k for k in evals[-1] if k.startswith("eval_")]
+    for ax, (x_key, x_label, scale) in zip(axes, (("elapsed_s", "wall time (min)", 60.0),
+                                                  ("images_seen", "images seen (k)", 1000.0))):
+        for key in curves:
+            pts = [(r[x_key] / scale, r[key]) for r in evals if key in r and x_key in r]
+            label = key.removeprefix("eval_").replace("_top1", "").replace("knn_", "kNN ")
+            ax.plot(*zip(*pts), marker="o", label=label if label != "knn" else "kNN (model.readout)")
+        for key in (k for k in evals[-1] if k.startswith("baseline_knn_top1_")):
+            ax.axhline(evals[-1][key], linestyle="--", color="gray",
+                       label=key.removeprefix("baseline_knn_top1_").replace("_", " ", 1))
+        ax.set(xlabel=x_label, ylabel="top-1 (%)", title=f"Representation quality vs {x_label.split(' (')[0]}")
+        ax.legend(fontsize="small")
+    return _save(fig, out / "accuracy.png")
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -258,6 +285,9 @@ def run(args) -> int:
     out = args.out or args.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     written = metric_plots(records, out, args.run_dir.name)
+    evals = read_jsonl(jsonl, "eval_knn_top1")
+    if evals:
+        written.append(plot_accuracy(evals, out))
     ckpt = args.run_dir / "checkpoints" / "last.pt"
     if not args.no_crosscorr:
         if ckpt.is_file():

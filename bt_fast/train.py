@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from bt_fast import checkpoint, config, dist, gradcomm, methods, metrics, optim
+from bt_fast import checkpoint, config, dist, gradcomm, methods, metrics, monitor, optim
 from bt_fast.device import autocast, data_device, place_views, set_cudnn, set_threads
 from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError, ResumeError
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
@@ -55,6 +55,7 @@ class Run:
     guard: "BufferGuard | None" = None  # built by the first train_step (bench step builds Run by hand)
     steps_per_epoch: int = 1  # for the methods' epoch-based schedules (DINO's teacher temperature)
     comm: "gradcomm.PowerSGD | None" = None  # PowerSGD's hook state (error feedback, Q), else None
+    monitor: "monitor.Monitor | None" = None  # online probe + kNN monitor (bt_fast/monitor.py)
 
 
 class BufferGuard:
@@ -192,7 +193,7 @@ def setup(cfg: config.Config) -> Run:
         model = dist.convert_sync_bn(model, env)
     optimizer = optim.build(model, cfg.optim)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
-    step, pipeline_state, entries, ckpt, last = 0, None, None, None, None
+    step, pipeline_state, entries, ckpt, last, probe_state = 0, None, None, None, None, None
     if env.is_main:
         checkpoint.prepare(run_dir)  # writable? temp files of a killed run removed
     found = checkpoint.load_latest(run_dir)  # last.pt, else prev.pt with a warning
@@ -208,6 +209,7 @@ def setup(cfg: config.Config) -> Run:
         scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(dist.rank_state(ckpt, "rng", last, env))
         step, pipeline_state = ckpt["step"], dist.rank_state(ckpt, "pipeline", last, env)
+        probe_state = ckpt.get("online_probe")
         if env.is_main:
             print(f"resuming from {last} at step {step}", file=sys.stderr)
             warn_schedule_changes(ckpt["config"], cfg)
@@ -230,7 +232,8 @@ def setup(cfg: config.Config) -> Run:
     if env.is_main:
         config.save(cfg, run_dir / "config.yaml")
     return Run(cfg, env, run_dir, model, ddp, optimizer, scaler, loader, step, total, last_step,
-               warmup, steps_per_epoch=steps_per_epoch, comm=comm)
+               warmup, steps_per_epoch=steps_per_epoch, comm=comm,
+               monitor=monitor.Monitor(cfg, env, model, probe_state))
 
 
 def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
@@ -261,7 +264,7 @@ def save_checkpoint(run: Run, logger) -> None:
         checkpoint.save({
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "step": run.step, "rng": rngs,
-            "pipeline": pipelines, "config": config.to_dict(run.cfg),
+            "pipeline": pipelines, "config": config.to_dict(run.cfg), **run.monitor.state(),
             **({"data_entries": torch.from_numpy(entries())} if entries else {}), **comm,
         }, run.run_dir)
         logger.log_checkpoint(time.perf_counter() - t0, run.step)
@@ -284,7 +287,7 @@ def log_window(run: Run, logger, out: dict, timer, lrs, window_steps: int, t_win
         "loss": loss, **{f"loss_{k}": v for k, v in zip(names, values)}, "lr": lrs[0], "lr_biases": lrs[1],
         "images": images, "images_per_s": images / max(t_window, 1e-9),
         "epoch": run.step / max(1, len(run.loader)), "nonfinite_steps": nonfinite,
-        "durations": timer.collect(),
+        "durations": timer.collect(), **run.monitor.window_record(),
     }, run.step)
 
 
@@ -307,15 +310,18 @@ def train(run: Run) -> None:
     # after the same step, write one checkpoint together and exit 0.
     stop, stopping = dist.StopFlag(env), False
     t_start, first_step = time.perf_counter(), run.step
+    mon = run.monitor
+    mon.start()
     try:
         while run.step < run.last_step and not stopping:
             timer.start()
-            for views, _labels in run.loader:
+            for views, labels in run.loader:
                 views = place_views(views, env.device, cfg.train.channels_last)
                 timer.mark("data_wait")
                 lrs = optim.set_lr(run.optimizer, run.step, cfg.optim, global_batch=cfg.data.batch_size,
                                    warmup_steps=run.warmup_steps, total_steps=run.total_steps)
                 out = train_step(run, views, timer)
+                mon.after_step(labels)  # the online probe, on this step's detached features
                 nonfinite += out["nonfinite"]
                 run.step += 1
                 window += 1
@@ -325,19 +331,23 @@ def train(run: Run) -> None:
                     log_window(run, logger, out, timer, lrs, window, time.perf_counter() - t_window)
                     nonfinite.zero_()
                     t_window, window = time.perf_counter(), 0
+                if mon.due(run.step, run.last_step):  # same result on every rank: same stop
+                    stopping = mon.evaluate(run, logger) or stopping
                 every = cfg.train.checkpoint_every
                 if (every and run.step % every == 0) or run.step == run.last_step or stopping:
                     save_checkpoint(run, logger)
                 if run.step >= run.last_step or stopping:
                     break
                 timer.start()
-        if stopping:
+        if stopping and not mon.reached:
             print(f"bt-fast train: rank {env.rank} stopped by signal at step {run.step}; "
                   "checkpoint written", file=sys.stderr)
         if env.rank == 0 and run.step > first_step:
-            print(summary(run.step - first_step, cfg.data.batch_size,
-                          time.perf_counter() - t_start, checkpoint.latest(run.run_dir)), file=sys.stderr)
+            seconds = time.perf_counter() - t_start
+            print(summary(run.step - first_step, cfg.data.batch_size, seconds,
+                          checkpoint.latest(run.run_dir)) + mon.summary(seconds), file=sys.stderr)
     finally:
+        mon.close()
         stop.restore()
         logger.close()
 

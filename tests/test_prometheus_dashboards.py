@@ -134,9 +134,12 @@ FAKE_RANK = textwrap.dedent("""
         step += 5
         d = {"data_wait": [0.01] * 5, "forward": [0.02] * 5, "backward": [0.04] * 5,
              "optimizer": [0.01] * 5, "step": [0.08] * 5}
+        sink.log_eval({"eval_knn_top1": 50.0 + step / 10, "eval_online_linear_top1": 40.0,
+                       "baseline_knn_top1_random_init": 30.0, "baseline_knn_top1_pixels": 35.0,
+                       "monitor_s": 1.0}, step)
         sink.log({"loss": 100.0 / step, "loss_on_diag": 1.0, "loss_off_diag": 2.0,
                   "lr": 0.1, "lr_biases": 0.01, "images": 320.0, "epoch": step / 100,
-                  "nonfinite_steps": 0.0, "durations": d}, step)
+                  "nonfinite_steps": 0.0, "durations": d, "online_linear_train_top1": 45.0}, step)
         if step % 20 == 0:
             sink.log_checkpoint(0.3, step)
         time.sleep(0.4)
@@ -153,7 +156,7 @@ def test_dashboard_file_is_generated_and_well_formed():
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     titles = " ".join(p["title"] for p in committed["panels"]).lower()
     for needed in ("images/s", "data-wait share", "breakdown", "loss", "learning rate",
-                   "gpu memory", "dcgm"):
+                   "gpu memory", "dcgm", "representation quality"):
         assert needed in titles
     ds = yaml.safe_load((ROOT / "docker/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert ds["datasources"][0]["uid"] == dashboards.DATASOURCE_UID

@@ -75,3 +75,28 @@ def test_loss_plot_shows_the_terms_the_run_logged():
     labels = dict(report.loss_labels(other))
     assert set(labels) == {"loss", "loss_invariance", "loss_variance", "loss_new_term"}
     assert labels["loss_new_term"] == "new_term"  # a term no method declares keeps its name
+
+
+def test_report_draws_accuracy_against_time_and_images(tmp_path, capsys, monkeypatch):
+    """Monitor records (bt_fast/monitor.py) give accuracy.png: both x axes, both
+    baselines as lines; a run without them has no such plot (the test above)."""
+    _write_metrics(tmp_path)
+    sink = metrics.JsonlSink(tmp_path / "metrics.jsonl")
+    for step in (20, 40, 60):
+        sink.log_eval({"images_seen": step * 128, "eval_knn_top1": 80.0 + step / 10,
+                       "eval_knn_top1_layer4:1": 70.0 + step / 20, "eval_online_linear_top1": 75.0,
+                       "baseline_knn_top1_random_init": 84.0, "baseline_knn_top1_pixels": 85.0,
+                       "monitor_s": step / 100}, step)
+    sink.close()
+    drawn = {}
+    real = report.plot_accuracy
+
+    def spy(evals, out):
+        drawn["steps"] = [r["step"] for r in evals]
+        return real(evals, out)
+
+    monkeypatch.setattr(report, "plot_accuracy", spy)
+    assert cli.main(["report", str(tmp_path), "--no-crosscorr"]) == 0
+    assert drawn["steps"] == [20, 40, 60]
+    _assert_png(tmp_path / "report" / "accuracy.png")
+    assert [r["step"] for r in report.read_jsonl(tmp_path / "metrics.jsonl")] == list(range(10, 110, 10))

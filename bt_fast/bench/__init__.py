@@ -1,4 +1,4 @@
-"""``bt-fast bench {pipeline,loss,step,comm} [--json]``: contender and baseline side by side.
+"""``bt-fast bench {pipeline,loss,step,comm,tta} [--json]``: contender and baseline side by side.
 
 Each benchmark runs in one process on the same cores and prints ratios, because the
 machines are shared and noisy; never compare numbers from different runs.
@@ -14,6 +14,7 @@ BENCHES = {
     "loss": "bt_fast.bench.loss",  # reference / dense / gram vs the official formulation
     "step": "bt_fast.bench.step",  # full train step vs the plain training loop
     "comm": "bt_fast.bench.comm",  # gradient bytes per step of each dist.grad_compression, vs the model
+    "tta": "bt_fast.bench.tta",  # time to a kNN target: bt-fast train vs the plain loop, one after the other
 }
 
 

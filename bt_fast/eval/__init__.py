@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 from bt_fast.eval.features import (EvalError, ImageList, Prep, bf16_default, default_cache_dir,
                                    eval_transform, extract, load_backbone, module_device, split_features,
                                    stderr_log)
+from bt_fast.eval.bank import subset_indices
 from bt_fast.eval.knn import knn_accuracy
 from bt_fast.eval.linear import linear_probe
 from bt_fast.eval.pixels import load_pixels
@@ -87,6 +89,11 @@ def add_arguments(parser) -> None:
     _common(p)
     p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbours (default 20 200)")
     p.add_argument("--temperature", type=float, default=0.07, help="weight exp(sim/T) (default 0.07)")
+    p.add_argument("--bank", type=int, default=0, metavar="N",
+                   help="use a seeded subset of N train images as the bank (default: all); the "
+                        "same subset the trainer's monitor uses (eval.bank) at the same --seed 0")
+    p.add_argument("--query", type=int, default=0, metavar="M",
+                   help="score a seeded subset of M val images (default: all), as eval.query does")
     _pixels_arguments(p)
     p = sub.add_parser("linear", help="linear probe on frozen features (official protocol, cached features)")
     _common(p)
@@ -167,7 +174,21 @@ def _features(args, loaded, train_dir, val_dir, log):
     cache = None if args.no_cache or pixels else Path(args.cache_dir or default_cache_dir(args.checkpoint))
     kw = dict(cache_dir=cache, batch_size=args.extract_batch, workers=args.workers,
               bf16=bf16_default(args.precision), log=log)
-    return split_features(loaded, train_dir, **kw) + split_features(loaded, val_dir, **kw)
+    subsets = [_subset(root, getattr(args, flag, 0), flag, args.seed, log)
+               for root, flag in ((train_dir, "bank"), (val_dir, "query"))]
+    return (split_features(loaded, train_dir, indices=subsets[0], **kw)
+            + split_features(loaded, val_dir, indices=subsets[1], **kw))
+
+
+def _subset(root, size: int, flag: str, seed: int, log) -> list[int] | None:
+    """--bank / --query: the seeded subset the monitor uses (eval/bank.py); clamped."""
+    if size < 0:
+        raise EvalError(f"--{flag} {size}: must be >= 0 (0 = the whole split)")
+    n = len(read_file_list(root)[0]) if size else 0
+    if size > n > 0:
+        print(f"eval: --{flag} {size} is more than the {n} images of {root}: using all of them",
+              file=sys.stderr)
+    return subset_indices(n, size, seed) if size else None
 
 
 def _knn(args, loaded, train_dir, val_dir, log) -> tuple[dict, dict]:

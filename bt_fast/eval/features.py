@@ -213,9 +213,15 @@ def autocast_for(module: nn.Module, bf16: bool):
 
 @torch.inference_mode()
 def extract(module: nn.Module, dataset: Dataset, prep: Prep, *, batch_size: int = 512,
-            workers: int = 1, bf16: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs [N, D] float32 of a frozen module (eval mode) and labels [N], in file-list order."""
-    module.eval().to(memory_format=torch.channels_last)
+            workers: int = 1, bf16: bool = False, log=None,
+            channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs [N, D] float32 of a frozen module (eval mode) and labels [N], in file-list order.
+
+    ``channels_last=False`` leaves the module's memory format alone (the trainer's
+    monitor featurises the live model, which must keep the format it trains in)."""
+    module.eval()
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     feats, labels = [], []
     t0, done = time.perf_counter(), 0
@@ -253,7 +259,7 @@ def batches(loader: DataLoader):
         yield batch
 
 
-def cache_key(loaded: Loaded, root: str | Path, bf16: bool = False) -> str:
+def cache_key(loaded: Loaded, root: str | Path, bf16: bool = False, indices=None) -> str:
     """Hash of everything the features of (weights, split) depend on."""
     root = Path(root).resolve()
     lst = root / "filelist.txt"
@@ -263,6 +269,7 @@ def cache_key(loaded: Loaded, root: str | Path, bf16: bool = False) -> str:
         "v": CACHE_VERSION, "weights": loaded.fingerprint, "model": vars(loaded.cfg.model),
         "root": str(root), "list": [st.st_size, st.st_mtime_ns] if st else None,
         "size": loaded.cfg.data.image_size, "mean": view.mean, "std": view.std, "bf16": bf16,
+        **({"subset": hashlib.sha1(str(indices).encode()).hexdigest()} if indices is not None else {}),
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -289,12 +296,13 @@ def _cached(path: Path) -> dict | None:
 
 def split_features(loaded: Loaded, root: str | Path, *, cache_dir: Path | None,
                    batch_size: int = 512, workers: int = 1, bf16: bool = False,
-                   log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features + labels of one split, from the cache when present (cache_dir=None: off)."""
+                   log=None, indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features + labels of one split (of its images at ``indices``, all when None),
+    from the cache when present (cache_dir=None: off)."""
     path = None
     if cache_dir is not None:
         tag = "random" if loaded.random_init else "ckpt"
-        path = Path(cache_dir) / f"{Path(root).name}-{tag}-{cache_key(loaded, root, bf16)}.pt"
+        path = Path(cache_dir) / f"{Path(root).name}-{tag}-{cache_key(loaded, root, bf16, indices)}.pt"
         if path.is_file():
             blob = _cached(path)
             if blob is not None:
@@ -304,7 +312,7 @@ def split_features(loaded: Loaded, root: str | Path, *, cache_dir: Path | None,
             print(f"warning: {path}: unreadable feature cache (cut off or not ours); "
                   "extracting again", file=sys.stderr)
     t0 = time.perf_counter()
-    dataset = ImageList(root, eval_transform(loaded.cfg))
+    dataset = ImageList(root, eval_transform(loaded.cfg), indices)
     feats, labels = extract(loaded.backbone, dataset, Prep(loaded.cfg, module_device(loaded.backbone)),
                             batch_size=batch_size,
                             workers=workers, bf16=bf16, log=log)

@@ -1,0 +1,237 @@
+"""The online probe and the kNN monitor (bt_fast/probe.py, bt_fast/monitor.py).
+
+Pinned here: the probe leaves the SSL step bit-identical; it is checkpointed and resumes
+exactly; the monitor's kNN equals ``bt-fast eval knn --bank N --query M`` on the same
+checkpoint; two ranks give the numbers of one process; bad input (no labels, sizes
+larger than the data, an error inside the monitor) costs the monitor, never the run;
+``train.stop_at`` ends the run cleanly.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from bt_fast import checkpoint, config, metrics
+from bt_fast.bench.step import contender
+from bt_fast.cli import main
+from bt_fast.probe import OnlineProbe
+from conftest import CONFIGS
+
+
+@pytest.fixture(autouse=True)
+def _baseline_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # never the user's cache
+
+
+def smoke(dataset, run_dir, *extra):
+    sets = [f"data.train_dir={dataset / 'train'}", f"data.val_dir={dataset / 'val'}",
+            f"train.run_dir={run_dir}", *extra]
+    return ["train", "--config", str(CONFIGS / "smoke.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+def jsonl(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def evals(run_dir) -> list[dict]:
+    return [r for r in jsonl(run_dir) if "eval_knn_top1" in r]
+
+
+# ------------------------------------------------------------------ the probe
+
+
+def test_probe_leaves_the_ssl_step_bit_identical():
+    """Same init, same views: weights and gradients of the SSL step are equal bit for
+    bit with the probe on (its hook, its backward, its SGD step) and off."""
+    cfg = config.load(CONFIGS / "smoke.yaml", [])
+    cpu = torch.device("cpu")
+    plain, views = contender(cfg, 8, cpu)
+    probed, _ = contender(cfg, 8, cpu)
+    probe = OnlineProbe(probed.model, 4, lr=0.5, device=cpu)
+    probe.attach()
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    timer = metrics.StepTimer(cpu)
+    w0 = probe.linear.weight.detach().clone()
+    for _ in range(3):
+        for run in (plain, probed):
+            timer.start()
+            from bt_fast.train import train_step
+            train_step(run, views, timer)
+        probe.step(labels)
+        for (name, a), b in zip(plain.model.named_parameters(), probed.model.parameters()):
+            assert torch.equal(a, b), name
+            assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
+    assert not torch.equal(w0, probe.linear.weight)  # the probe did learn something
+    assert probe.train_top1() is not None
+
+
+def test_probe_ignores_labels_it_cannot_score():
+    cfg = config.load(CONFIGS / "smoke.yaml", [])
+    run, views = contender(cfg, 4, torch.device("cpu"))
+    probe = OnlineProbe(run.model, 3, lr=0.1, device=torch.device("cpu"))
+    probe.attach()
+    run.model(views)
+    probe.step(torch.tensor([0, 7, -1, 2]))  # two labels outside [0, 3)
+    assert torch.isfinite(probe.linear.weight).all()
+    assert probe.counts[1].item() == 4  # 2 valid labels x 2 views
+    run.model(views)
+    probe.step(torch.tensor([9, 9, 9, 9]))  # none valid: no NaN either
+    assert torch.isfinite(probe.linear.weight).all()
+
+
+@pytest.mark.slow
+def test_probe_is_checkpointed_and_resumes_exactly(tiny_imagefolder, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(smoke(tiny_imagefolder, a, "train.max_steps=4")) == 0
+    assert main(smoke(tiny_imagefolder, b, "train.max_steps=2")) == 0
+    assert main(smoke(tiny_imagefolder, b, "train.max_steps=4")) == 0
+    pa = checkpoint.load(a / "checkpoints" / "last.pt")["online_probe"]
+    pb = checkpoint.load(b / "checkpoints" / "last.pt")["online_probe"]
+    for key, value in pa["linear"].items():
+        assert torch.equal(value, pb["linear"][key]), key
+    mom_a = [s["momentum_buffer"] for s in pa["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in pb["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b)) and len(mom_a) == 2
+    logged = [r for r in jsonl(a) if "loss" in r]
+    assert all("online_linear_train_top1" in r for r in logged)
+
+
+# ------------------------------------------------------------------ the monitor = eval
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("readout", ["layer4:1", "layer2:2"])
+def test_monitor_equals_offline_eval_knn(tiny_imagefolder, tmp_path, capsys, readout):
+    run = tmp_path / "run"
+    assert main(smoke(tiny_imagefolder, run, "eval.every=5", "eval.bank=40", "eval.query=11",
+                      f"model.readout={readout}")) == 0
+    (rec,) = evals(run)
+    assert rec["step"] == 5 and rec["images_seen"] == 5 * 16
+    capsys.readouterr()
+    ckpt = str(run / "checkpoints" / "last.pt")
+    for key, spec in (("eval_knn_top1", readout), ("eval_knn_top1_layer4:1", "layer4:1")):
+        if key not in rec:
+            assert readout == "layer4:1"
+            continue
+        assert main(["eval", "knn", "--checkpoint", ckpt, "--bank", "40", "--query", "11", "--json",
+                     "--workers", "0", "--no-cache", "--readout", spec]) == 0
+        offline = json.loads(capsys.readouterr().out)
+        assert offline["n_train"] == 40 and offline["n_val"] == 11
+        assert abs(offline["top1"] - rec[key]) <= 0.01, (key, offline["top1"], rec[key])
+
+
+def _two_rank_worker(rank, world, port, train, val, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _measure_once(train, val, out)
+
+
+def _measure_once(train, val, out):
+    from bt_fast import dist, methods
+    from bt_fast.monitor import Monitor
+
+    env = dist.init(want_cuda=False)
+    cfg = config.load(CONFIGS / "smoke.yaml", [f"data.train_dir={train}", f"data.val_dir={val}",
+                                               "eval.bank=37", "eval.query=13", "model.readout=layer3:2"])
+    torch.manual_seed(3)
+    model = methods.build(cfg)
+    mon = Monitor(cfg, env, model)
+    record = mon._measure(step=7, global_batch=16)
+    if env.is_main:
+        with open(out, "w") as f:
+            json.dump(record, f)
+    dist.close()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_numbers_of_one_process(tiny_imagefolder, tmp_path, monkeypatch):
+    from bt_fast.procs import run_workers
+
+    train, val = str(tiny_imagefolder / "train"), str(tiny_imagefolder / "val")
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    run_workers("test_monitor:_two_rank_worker", 2, train, val, str(tmp_path / "two.json"), timeout=600)
+    _measure_once(train, val, str(tmp_path / "one.json"))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert set(one) == set(two) and {"eval_knn_top1", "eval_knn_top1_layer4:1",
+                                     "eval_online_linear_top1", "baseline_knn_top1_pixels"} <= set(one)
+    for key in one:
+        assert abs(one[key] - two[key]) <= 0.01, (key, one[key], two[key])
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.slow
+def test_an_error_inside_the_monitor_switches_it_off_and_training_goes_on(
+        tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    from bt_fast.eval import bank
+
+    real, calls = bank.featurize, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        # the first monitor works (bank + query for the live net, the random init and the
+        # pixels: 6 calls); the second one fails
+        if len(calls) > 6:
+            raise RuntimeError("disk went away\nsecond line")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bank, "featurize", flaky)
+    run = tmp_path / "run"
+    assert main(smoke(tiny_imagefolder, run, "eval.every=2", "train.max_steps=6")) == 0
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if "kNN monitor failed" in line]
+    assert len(failed) == 1 and "disk went away" in failed[0] and "second line" not in err
+    assert [r["step"] for r in evals(run)] == [2]
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 6
+
+
+@pytest.mark.slow
+def test_unlabelled_data_switches_probe_and_monitor_off(tmp_path, capsys):
+    from bt_fast.data import make_synthetic
+
+    make_synthetic(tmp_path / "d", classes=1, train_per_class=32, val_per_class=4, size=(40, 40), seed=0)
+    run = tmp_path / "run"
+    assert main(smoke(tmp_path / "d", run, "train.max_steps=2")) == 0
+    err = capsys.readouterr().err
+    assert sum("no labels to learn from" in line for line in err.splitlines()) == 1
+    assert evals(run) == [] and "online_probe" not in checkpoint.load(run / "checkpoints" / "last.pt")
+
+
+@pytest.mark.slow
+def test_sizes_larger_than_the_data_are_clamped_and_said_once(tiny_imagefolder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(smoke(tiny_imagefolder, run, "eval.every=2", "train.max_steps=4", "eval.bank=100000",
+                      "eval.query=7")) == 0
+    err = capsys.readouterr().err
+    assert sum("eval.bank=100000: more than the 64 images" in line for line in err.splitlines()) == 1
+    assert [r["step"] for r in evals(run)] == [2, 4]
+
+
+@pytest.mark.slow
+def test_stop_at_ends_the_run_cleanly_at_the_target(tiny_imagefolder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(smoke(tiny_imagefolder, run, "eval.every=2", "train.max_steps=8",
+                      "train.stop_at=knn=0.0")) == 0
+    err = capsys.readouterr().err
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 2
+    assert "reached kNN 0 (" in err and "at 0m" in err and ", 32 images" in err
+    assert "monitor " in err and "% of the loop" in err
+    assert "stopped by signal" not in err
+
+
+@pytest.mark.parametrize("value, message", [
+    ("knn", "expected knn=TOP1 or linear=TOP1"), ("acc=3", "expected knn=TOP1"),
+    ("knn=high", "expected knn=TOP1")])
+def test_bad_stop_at_is_one_line_and_exit_2(tiny_imagefolder, tmp_path, capsys, value, message):
+    assert main(smoke(tiny_imagefolder, tmp_path, f"train.stop_at={value}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "train.stop_at" in err
+
+
+def test_stop_at_without_the_monitor_is_refused(tiny_imagefolder, tmp_path, capsys):
+    assert main(smoke(tiny_imagefolder, tmp_path, "train.stop_at=knn=50", "eval.every=0")) == 2
+    assert "needs the monitor: set eval.every > 0" in capsys.readouterr().err
