@@ -205,6 +205,8 @@ class Monitor:
             self.every = 0
             return None
         feats = self.gather(local)
+        if self.env.device.type == "cuda":  # the [Q, N] similarity search: on the GPU there is one
+            feats = {r: tuple(t.to(self.env.device) for t in v) for r, v in feats.items()}
         record = {"images_seen": step * global_batch}
         for i, readout in enumerate(self.readouts):
             key = "eval_knn_top1" if i == 0 else f"eval_knn_top1_{readout}"

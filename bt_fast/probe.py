@@ -103,10 +103,10 @@ class OnlineProbe:
     @torch.no_grad()
     def top1(self, feats: torch.Tensor, labels: torch.Tensor) -> float:
         """Top-1 (%) of the probe on held-out features [N, D] (eval-mode backbone)."""
-        w = self.linear.weight.detach().float().cpu()
-        b = self.linear.bias.detach().float().cpu()
+        w = self.linear.weight.detach().float().to(feats.device)
+        b = self.linear.bias.detach().float().to(feats.device)
         pred = (feats.float() @ w.T + b).argmax(1)
-        return 100.0 * (pred == labels).float().mean().item()
+        return 100.0 * (pred == labels.to(pred.device)).float().mean().item()
 
     def state_dict(self) -> dict:
         return {"linear": self.linear.state_dict(), "optimizer": self.opt.state_dict()}

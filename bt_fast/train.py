@@ -291,12 +291,13 @@ def log_window(run: Run, logger, out: dict, timer, lrs, window_steps: int, t_win
     }, run.step)
 
 
-def summary(steps: int, global_batch: int, seconds: float, last) -> str:
+def summary(steps: int, global_batch: int, seconds: float, last, monitor: str = "") -> str:
     """The run's last line: what it trained, in how long (the loop only: setup and the
-    pipeline's start are not in it, so this is the figure to compare across runs)."""
+    pipeline's start are not in it, so this is the figure to compare across runs), what
+    the monitor cost and when it reached ``train.stop_at`` (``monitor``), the checkpoint."""
     images = steps * global_batch
     return (f"bt-fast train: {steps} steps ({images} images) in {metrics.fmt_duration(seconds)}: "
-            f"{images / max(seconds, 1e-9):.0f} img/s; last checkpoint {last or 'none'}")
+            f"{images / max(seconds, 1e-9):.0f} img/s{monitor}; last checkpoint {last or 'none'}")
 
 
 def train(run: Run) -> None:
@@ -345,7 +346,7 @@ def train(run: Run) -> None:
         if env.rank == 0 and run.step > first_step:
             seconds = time.perf_counter() - t_start
             print(summary(run.step - first_step, cfg.data.batch_size, seconds,
-                          checkpoint.latest(run.run_dir)) + mon.summary(seconds), file=sys.stderr)
+                          checkpoint.latest(run.run_dir), mon.summary(seconds)), file=sys.stderr)
     finally:
         mon.close()
         stop.restore()

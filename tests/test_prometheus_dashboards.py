@@ -7,6 +7,7 @@ saying why, only when the prometheus binary is absent.
 """
 
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -220,7 +221,7 @@ def test_dashboard_queries_return_data_from_a_two_rank_training_run(tmp_path):
            "--set", f"data.train_dir={root / 'train'}", "--set", f"data.val_dir={root / 'val'}",
            "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.max_steps=60",
            "--set", "train.log_every=2", "--set", "train.checkpoint_every=20",
-           "--set", "optim.epochs=100",
+           "--set", "optim.epochs=100", "--set", "eval.every=30",
            "--set", "metrics.prometheus=true", "--set", f"metrics.port={port}"]
     try:
         start = time.time()
@@ -234,7 +235,10 @@ def test_dashboard_queries_return_data_from_a_two_rank_training_run(tmp_path):
         assert {s["metric"]["world_size"] for s in info} == {"2"}
         share = prom.query_range(dashboards.DATA_WAIT_SHARE.replace("$__rate_interval", RATE_WINDOW),
                                  start, end)["data"]["result"][0]["values"]
-        assert all(0 <= float(v) <= 1 for _, v in share)
+        # A window in which no step ended (the kNN monitor pausing the loop for longer than
+        # this test's 5 s window) is 0/0: a gap in Grafana, not a wrong share.
+        values = [float(v) for _, v in share]
+        assert all(0 <= v <= 1 for v in values if not math.isnan(v)) and any(not math.isnan(v) for v in values)
         phases = prom.query_range("count by (phase) (bt_train_phase_duration_seconds_count)",
                                   start, end)["data"]["result"]
         assert {s["metric"]["phase"] for s in phases} >= {"data_wait", "forward", "backward",
