@@ -6,7 +6,7 @@ A representation is worth something only above both (on Fashion-MNIST the pixels
 draw them under the curve. They depend on the data, the subsets, the model config, the
 readouts and the precision, not on training: computed once (at a run's first monitor,
 about one monitor's cost) and cached as JSON under ``$XDG_CACHE_HOME/bt_fast/baselines``
-(default ``~/.cache``), keyed by all of those. The random init is eval's
+(default ``~/.cache``; written through bt_fast.safeio), keyed by all of those. The random init is eval's
 (``bt-fast eval knn --random-init --seed 0``: torch.manual_seed(0), then the backbone),
 built inside ``fork_rng`` so the run's own RNG stream does not move.
 """
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from bt_fast import safeio
 from bt_fast.backbone import build_backbone
+from bt_fast.errors import UserError
 from bt_fast.eval import bank
 from bt_fast.eval.pixels import Pixels
 
@@ -30,8 +31,7 @@ PIXELS_MAX_DIM = 16384
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bt_fast" / "baselines"
+    return safeio.cache_home() / "baselines"
 
 
 def _list_id(root: str) -> list:
@@ -80,12 +80,8 @@ def get(mon) -> dict:
         return cached
     values = compute(mon)
     if mon.env.is_main:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(values))
-            os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
-        except OSError as e:
-            print(f"monitor: baselines not cached ({path}: {e.strerror or e}); computed again next run",
-                  flush=True, file=sys.stderr)
+        try:  # atomic, never through a link: a concurrent run never reads half a file
+            safeio.write_atomic(path, json.dumps(values), durable=False)
+        except UserError as e:
+            print(f"monitor: baselines not cached ({e}); computed again next run", flush=True, file=sys.stderr)
     return values

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bt_fast import safeio
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default="configs/fmnist.yaml", help="the recipe both sides train")
@@ -60,7 +62,7 @@ def first_at(points: list[dict], target: float) -> dict | None:
 def run_side(cmd: list[str], budget: float, log: Path) -> dict:
     """Run one side to its end or the budget (SIGTERM: the trainer checkpoints and exits 0)."""
     load0, t0 = os.getloadavg()[0], time.perf_counter()
-    with open(log, "w") as f:
+    with safeio.open_append(log) as f:  # never through a link
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout=budget)

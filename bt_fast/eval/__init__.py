@@ -184,7 +184,7 @@ def _subset(root, size: int, flag: str, seed: int, log) -> list[int] | None:
     """--bank / --query: the seeded subset the monitor uses (eval/bank.py); clamped."""
     if size < 0:
         raise EvalError(f"--{flag} {size}: must be >= 0 (0 = the whole split)")
-    n = len(read_file_list(root)[0]) if size else 0
+    n = len(ImageList(root, None)) if size else 0
     if size > n > 0:
         print(f"eval: --{flag} {size} is more than the {n} images of {root}: using all of them",
               file=sys.stderr)
