@@ -39,14 +39,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def read_jsonl(path: Path, key: str = "loss") -> list[dict]:
     """The records holding ``key`` (training logs: loss; monitors: eval_knn_top1), in
-    step order; skips torn lines."""
+    step order; skips torn lines.
+
+    Read as a user's file: undecodable bytes, lines that are not objects and records
+    whose step or ``key`` is not a number are skipped, not trusted."""
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue  # the last line of a killed run may be torn
-        if key in rec:
+        if (isinstance(rec, dict) and isinstance(rec.get(key), (int, float))
+                and isinstance(rec.get("step"), int) and not isinstance(rec.get("step"), bool)):
             records.append(rec)
     return sorted(records, key=lambda r: r["step"])
 
@@ -63,7 +67,8 @@ def plot_accuracy(evals: list[dict], out: Path) -> Path:
     for ax, (x_key, x_label, scale) in zip(axes, (("elapsed_s", "wall time (min)", 60.0),
                                                   ("images_seen", "images seen (k)", 1000.0))):
         for key in curves:
-            pts = [(r[x_key] / scale, r[key]) for r in evals if key in r and x_key in r]
+            pts = [(r[x_key] / scale, r[key]) for r in evals
+                   if isinstance(r.get(key), (int, float)) and isinstance(r.get(x_key), (int, float))]
             label = key.removeprefix("eval_").replace("_top1", "").replace("knn_", "kNN ")
             ax.plot(*zip(*pts), marker="o", label=label if label != "knn" else "kNN (model.readout)")
         for key in (k for k in evals[-1] if k.startswith("baseline_knn_top1_")):
@@ -75,8 +80,15 @@ def plot_accuracy(evals: list[dict], out: Path) -> Path:
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
+           and not isinstance(r[key], bool) and math.isfinite(r[key])]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _number(value, default: float = 0.0) -> float:
+    """A finite number from a log record, ``default`` for anything else (the log is input)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else default
 
 
 def _phases(records: list[dict]) -> list[str]:
@@ -93,7 +105,7 @@ def plot_throughput(ax, records):
 def plot_step_time(ax, records):
     steps = [r["step"] for r in records]
     phases = _phases(records)
-    ys = [[r.get(f"time_{p}_s", 0.0) for r in records] for p in phases]
+    ys = [[_number(r.get(f"time_{p}_s")) for r in records] for p in phases]
     if phases:
         ax.stackplot(steps, ys, labels=phases, colors=[PHASE_COLORS.get(p) for p in phases],
                      alpha=0.8)
@@ -164,8 +176,8 @@ def metric_plots(records: list[dict], out: Path, title: str) -> list[Path]:
     axes.flat[-1].axis("off")
     last = records[-1]
     axes.flat[-1].text(0, 0.5, "\n".join(
-        [title, f"step {last['step']}", f"{last.get('images_per_s', float('nan')):.1f} images/s",
-         f"data wait {100 * last.get('data_wait_share', float('nan')):.0f}% of step time",
+        [title, f"step {last['step']}", f"{_number(last.get('images_per_s'), math.nan):.1f} images/s",
+         f"data wait {100 * _number(last.get('data_wait_share'), math.nan):.0f}% of step time",
          f"loss {last['loss']:.4g}"]), fontsize=12, va="center", family="monospace")
     fig.suptitle(f"bt_fast run: {title}")
     written.append(_save(fig, out / "dashboard.png"))

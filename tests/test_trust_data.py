@@ -337,3 +337,14 @@ def test_other_commands_check_their_sizes_in_one_line(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
+
+
+def test_report_reads_a_doctored_metrics_log_without_a_traceback(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(
+        b'{"step": 1, "loss": 2.0, "lr": 0.1, "time_forward_s": 0.2}\n\xff\xfe torn\n[1, 2]\n'
+        b'{"step": "x", "loss": 1}\n{"step": 2, "loss": 1.5, "lr": "x", "time_forward_s": "y", '
+        b'"images_per_s": null, "data_wait_share": [1]}\n' + b"[" * 100000 + b"\n")
+    assert main(["report", str(run), "--no-crosscorr"]) == 0, capsys.readouterr().err
+    assert (run / "report" / "dashboard.png").is_file()
