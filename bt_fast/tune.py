@@ -197,6 +197,10 @@ def run(args) -> int:
     out = Path(args.out or Path(cfg.train.run_dir) / "tuned.yaml")
     say(f"tuning {args.config} ({cfg.method.name}): {env.world_size} rank(s) on {env.device.type}, "
         f"{args.warmup}+{args.steps} steps per probe, global batch {cfg.data.batch_size}")
+    from bt_fast.doctor import scaling  # docs/gpu.md's model, on paper: not a probed knob
+
+    option, why = scaling.pick(env.world_size, cfg.data.batch_size / env.world_size, scaling.shapes_of(cfg))
+    say(f"dist.grad_compression: {option} ({why}; docs/gpu.md, \"Gradient traffic\")")
     say(HEADER)
     try:
         with tempfile.TemporaryDirectory(prefix="bt-fast-tune-") as tmp:

@@ -9,6 +9,7 @@ trainer under torchrun, killed with SIGKILL and restarted, is in test_gradcomm_r
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -198,3 +199,32 @@ def test_state_survives_a_rebuilt_ddp_bit_for_bit(tmp_path, monkeypatch):
         assert r["fresh"] is False  # the state matters: without it the run differs
         assert r["restored"] is True
         assert r["skipped_step_changes_nothing"] is True
+
+
+# ---------------------------------------------------------------- on paper (docs/gpu.md)
+
+
+def test_docs_quote_the_scaling_table_and_the_models_bytes(repo_root):
+    from bt_fast.doctor import scaling
+
+    doc = (repo_root / "docs" / "gpu.md").read_text()
+    assert scaling.markdown() in doc
+    shapes = scaling.recipe_shapes()
+    assert len(shapes) == 166 and sum(math.prod(s) for s in shapes) == 174_535_744  # "174.5 M"
+    sent = {o: gradcomm.sent_bytes(shapes, o, 2) for o in gradcomm.OPTIONS}
+    for option, value in sent.items():  # what bench comm counted on real steps, quoted
+        assert f"`{option}` {int(value):,}" in doc or f"`{option}` (rank 4) {int(value):,}" in doc
+    assert f"{sent['none'] / sent['powersgd']:.0f}× fewer" in doc
+    assert scaling.buckets(shapes) == 7  # as DDP made them (bench comm: 7 all-reduces for none)
+
+
+def test_the_model_picks_compression_only_across_nodes():
+    from bt_fast.doctor import scaling
+
+    assert scaling.pick(8, 256)[0] == "none"
+    option, why = scaling.pick(64, 32)
+    assert option == "powersgd" and "none 31 %" in why
+    assert scaling.pick(1, 2048)[0] == "none"
+    # efficiency grows with the per-GPU batch; the 90 % batch is the first to reach it
+    b = scaling.batch_for("none", 32)
+    assert scaling.step("none", 32, b)["efficiency"] >= 0.9 > scaling.step("none", 32, b - 1)["efficiency"]

@@ -37,6 +37,8 @@ def test_tune_prints_table_and_train_loads_overlay(smoke, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert tune.HEADER in printed
+    # one process: the on-paper model of docs/gpu.md names no compression, and says why
+    assert "dist.grad_compression: none (one GPU: nothing to communicate" in printed
     rows = re.findall(r"^(data\.num_threads|train\.channels_last)\s+(\S+)\s+([\d.]+)\s",
                       printed, re.M)
     assert {r[0] for r in rows} == {"data.num_threads", "train.channels_last"}

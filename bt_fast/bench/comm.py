@@ -112,7 +112,7 @@ def _worker(rank: int, world: int, port: int, config_path: str, sets: list, opti
         env = dist.Env(rank=rank, local_rank=rank, world_size=world)
         results = {option: measure(cfg, option, env, group, steps, image_size, batch) for option in options}
         if rank == 0:
-            with open(os.path.join(out_dir, f"w{world}.json"), "w") as f:
+            with open(os.path.join(out_dir, f"w{world}.{'.'.join(options)}.json"), "w") as f:
                 json.dump(results, f)
         tdist.barrier()
     finally:
@@ -126,10 +126,12 @@ def bench(config_path: str, sets: list, worlds: list[int], options: list[str], *
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
             # OMP_NUM_THREADS=1: hooks' chained matmuls run on gloo's threads (see gradcomm)
-            run_workers("bt_fast.bench.comm:_worker", world, config_path, sets, options, steps, image_size,
-                        batch, tmp, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            with open(os.path.join(tmp, f"w{world}.json")) as f:
-                rows = json.load(f)
+            rows = {}
+            for option in options:  # fresh processes per option: the peak memory is one model's
+                run_workers("bt_fast.bench.comm:_worker", world, config_path, sets, [option], steps, image_size,
+                            batch, tmp, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                with open(os.path.join(tmp, f"w{world}.{option}.json")) as f:
+                    rows.update(json.load(f))
             base = rows.get("none", {}).get("sent_bytes")
             for row in rows.values():
                 row["ratio_vs_none"] = base / row["sent_bytes"] if base and row["sent_bytes"] else None
