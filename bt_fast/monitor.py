@@ -35,6 +35,7 @@ from bt_fast import baselines, dist, metrics
 from bt_fast.config import parse_readout, parse_stop_at
 from bt_fast.eval import bank
 from bt_fast.eval.readout import Readout
+from bt_fast.eval.splits import check_splits
 from bt_fast.probe import OnlineProbe
 
 GLOBAL = "layer4:1"  # the standard global pool: what the projector reads and the probe trains on
@@ -116,6 +117,9 @@ class Monitor:
                 say(self.env, f"{key} {'is not set' if not root else f'{root} has no filelist.txt'}: "
                               "kNN monitor off (the online probe, if on, still trains)")
                 return False
+        # A val split sharing images with train would score what the backbone memorised:
+        # refused here as by every other probe (bt_fast/eval/splits.py), before training.
+        check_splits(d.train_dir, d.val_dir)
         return True
 
     # ------------------------------------------------------------ the loop's calls

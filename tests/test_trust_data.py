@@ -245,6 +245,14 @@ def test_every_probe_refuses_val_that_shares_train_images(tmp_path, capsys, how,
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, (argv, err)
     check_splits(data / "train", data / "val")  # the real val: held out, no error
+    # The trainer's kNN monitor too, before the first step.
+    from conftest import CONFIGS
+    sets = [f"data.train_dir={data / 'train'}", f"data.val_dir={val2}", f"train.run_dir={tmp_path / 'run'}",
+            "eval.every=5", "data.batch_size=4"]
+    assert main(["train", "--config", str(CONFIGS / "smoke.yaml"), *[a for x in sets for a in ("--set", x)]]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].count(needle) == 1, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize("flags, needle", [
