@@ -95,10 +95,13 @@ class Monitor:
         self.sets = None  # preloaded (bank, query) shards: decoded at the first monitor
         self.baseline = None
         self.probe = None
+        # Said when training starts (``start``), not here: a run that then fails in setup
+        # (a taken port, a locked run folder) prints its one error line and nothing else.
+        self.notices: list[str] = []
         want = cfg.eval.online_probe or self.every > 0
         classes = labelled_classes(cfg) if want else None
         if want and classes is None:
-            say(env, f"no labels to learn from (data.{'train' if cfg.data.reader == 'folder' else 'val'}_dir "
+            self.notices.append(f"no labels to learn from (data.{'train' if cfg.data.reader == 'folder' else 'val'}_dir "
                      "lists fewer than 2 classes, or none is set): online probe and kNN monitor off")
             self.every = 0
         elif cfg.eval.online_probe:
@@ -114,7 +117,7 @@ class Monitor:
         d = self.cfg.data
         for key, root in (("data.train_dir", d.train_dir), ("data.val_dir", d.val_dir)):
             if not root or not Path(root, "filelist.txt").is_file():
-                say(self.env, f"{key} {'is not set' if not root else f'{root} has no filelist.txt'}: "
+                self.notices.append(f"{key} {'is not set' if not root else f'{root} has no filelist.txt'}: "
                               "kNN monitor off (the online probe, if on, still trains)")
                 return False
         # A val split sharing images with train would score what the backbone memorised:
@@ -125,6 +128,8 @@ class Monitor:
     # ------------------------------------------------------------ the loop's calls
 
     def start(self) -> None:
+        for notice in self.notices:
+            say(self.env, notice)
         if self.probe is not None:
             self.probe.attach()
         self.t0, self.cpu0 = time.perf_counter(), cpu_seconds()
