@@ -278,6 +278,16 @@ def from_dict(values: dict, source: str = "<dict>", method: Optional[str] = None
         raise ConfigError(f"{source}: {e}") from None
 
 
+def from_saved(values: dict, source: str) -> Config:
+    """A config read back from a checkpoint (or named by ``--config`` for evaluation):
+    ``from_dict`` plus every declared range, so a doctored or old file cannot ask eval or
+    report for a 10^9-pixel image or a zero std. ConfigError naming the source and key."""
+    cfg = from_dict(values, source)
+    for problem in bounds.problems(cfg):
+        raise ConfigError(f"{source}: {problem}")
+    return cfg
+
+
 def take_method_views(values: dict, name: str) -> dict:
     """A method section's own ``views`` (SwAV's and DINO's multi-crop) become the run's
     ``views`` when that method trains: moved up, so ``--set views.N.key=...`` edits them

@@ -227,7 +227,7 @@ def cross_correlations(ckpt_path: Path, val_dir: Path | None, batch: int):
     from bt_fast.kernels.reference import cross_correlation
 
     ckpt = checkpoint.load(ckpt_path)
-    cfg = config.from_dict(ckpt["config"], str(ckpt_path))
+    cfg = config.from_saved(ckpt["config"], str(ckpt_path))
     if not methods.METHODS[cfg.method.name].crosscorr:
         return None
     if not (val_dir or cfg.data.val_dir):  # "" would be Path("."): every image under the cwd

@@ -356,3 +356,13 @@ def test_report_reads_a_doctored_metrics_log_without_a_traceback(tmp_path, capsy
         b'"images_per_s": null, "data_wait_share": [1]}\n' + b"[" * 100000 + b"\n")
     assert main(["report", str(run), "--no-crosscorr"]) == 0, capsys.readouterr().err
     assert (run / "report" / "dashboard.png").is_file()
+
+
+def test_a_doctored_checkpoint_config_is_refused_by_eval_naming_the_key(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2, size=(16, 16))
+    ckpt = torch.load(tiny_checkpoint(tmp_path, data), weights_only=True)
+    ckpt["config"]["data"]["image_size"] = 10**9  # eval would resize every image to it
+    torch.save(ckpt, tmp_path / "doctored.pt")
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "doctored.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.image_size=1000000000: must be in [2, 8192]" in err, err

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from bt_fast import checkpoint
-from bt_fast.config import Config, from_dict
+from bt_fast.config import Config, from_saved
 from bt_fast.data import read_file_list
 from bt_fast.errors import USER_ERRORS, DataError, EvalError
 from bt_fast.pipelines.images import load_rgb
@@ -81,7 +81,7 @@ def load_backbone(checkpoint_path: str | Path, *, random_init: bool = False, see
     with random_init, the same net at seeded init."""
     path = Path(checkpoint_path)
     ckpt = checkpoint.load(path)  # CheckpointError (one line) for a missing or torn file
-    cfg = from_dict(ckpt["config"], f"{path}:config")
+    cfg = from_saved(ckpt["config"], f"{path}:config")  # ranges too: a doctored config is refused
     torch.manual_seed(seed)  # the random-init baseline is a pure function of the seed
     try:
         backbone, dim = build_backbone(cfg.model)

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from bt_fast.config import Config, load
-from bt_fast.errors import EvalError
+from bt_fast.errors import ConfigError, EvalError
 from bt_fast.eval.features import Loaded, load_backbone
+from bt_fast.pipelines import bounds
 
 
 class Pixels(nn.Module):
@@ -46,6 +47,8 @@ def load_pixels(checkpoint: str | Path | None = None, config: str | Path | None 
         source = str(checkpoint)
     elif config:
         cfg: Config = load(config, [])
+        for problem in bounds.problems(cfg):  # a recipe's sizes decide eval's memory
+            raise ConfigError(f"{config}: {problem}")
         source = str(config)
     else:
         raise EvalError("--pixels needs --checkpoint (its config) or --config PATH "
