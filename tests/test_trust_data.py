@@ -231,12 +231,18 @@ def copy(a, b):
 
 @pytest.mark.parametrize("how, needle", [(os.symlink, "the same file, or a link"), (os.link, "the same file, or a link"),
                                          (copy, "identical copies")])
-def test_every_probe_refuses_val_that_shares_train_images(tmp_path, capsys, how, needle):
+def test_splits_sharing_a_file_a_link_or_a_copy_are_refused(tmp_path, how, needle):
     data = make_synthetic(tmp_path / "d", classes=2, train_per_class=6, val_per_class=2, size=(16, 16))
-    val2 = linked_val(data, how)
-    ckpt = tiny_checkpoint(tmp_path, data)
     with pytest.raises(EvalError, match=needle):
-        check_splits(data / "train", val2)
+        check_splits(data / "train", linked_val(data, how))
+    check_splits(data / "train", data / "val")  # the real val: held out, no error
+
+
+@pytest.mark.slow  # five evaluations and a trainer start
+def test_every_probe_refuses_val_that_shares_train_images(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "d", classes=2, train_per_class=6, val_per_class=2, size=(16, 16))
+    val2, needle = linked_val(data, os.symlink), "the same file, or a link"
+    ckpt = tiny_checkpoint(tmp_path, data)
     common = ["--train-dir", str(data / "train"), "--val-dir", str(val2), "--workers", "0", "--no-cache"]
     for argv in (["knn", "--checkpoint", ckpt], ["linear", "--checkpoint", ckpt],
                  ["semi", "--percent", "10", "--checkpoint", ckpt], ["knn", "--pixels", "--checkpoint", ckpt],
@@ -244,7 +250,6 @@ def test_every_probe_refuses_val_that_shares_train_images(tmp_path, capsys, how,
         assert main(["eval", *argv, *common]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, (argv, err)
-    check_splits(data / "train", data / "val")  # the real val: held out, no error
     # The trainer's kNN monitor too, before the first step.
     from conftest import CONFIGS
     sets = [f"data.train_dir={data / 'train'}", f"data.val_dir={val2}", f"train.run_dir={tmp_path / 'run'}",
@@ -252,7 +257,8 @@ def test_every_probe_refuses_val_that_shares_train_images(tmp_path, capsys, how,
     assert main(["train", "--config", str(CONFIGS / "smoke.yaml"), *[a for x in sets for a in ("--set", x)]]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].count(needle) == 1, err
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or '"loss"' not in metrics.read_text()
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -282,6 +288,7 @@ def test_val_image_deleted_after_check_is_one_line_naming_it(tmp_path, capsys):
         assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a DALI pipeline over the cut shard
 def test_truncated_webdataset_shard_is_named(tmp_path):
     pytest.importorskip("nvidia.dali")
     from bt_fast.pipelines import WebDatasetSource
