@@ -166,6 +166,10 @@ def prepare_fashion_mnist(out: str | Path) -> Path:
     out = Path(out)
     if all((out / s / FILELIST).is_file() for s in ("train", "val")):
         print(f"{out}: Fashion-MNIST already prepared", file=sys.stderr)
+        if not all(filelist.read(out / s).checked for s in ("train", "val")):
+            print(f"{out}: its file lists predate the data-check stamp ({filelist.STAMP}); run "
+                  f"`bt-fast data check {out}` once, or every training start checks each "
+                  "image header first", file=sys.stderr)
         return out
     arrays = _fmnist_arrays(out / ".download")
     for split, (x, y) in arrays.items():

@@ -50,6 +50,8 @@ FORMATS = {
     "bmp": lambda p: rgb().save(p, "BMP"), "webp": lambda p: rgb().save(p, "WEBP"),
     "tiff": lambda p: rgb().save(p, "TIFF"), "ppm": lambda p: rgb().save(p, "PPM"),
     "ico": lambda p: rgb().save(p, "ICO"), "tga": lambda p: rgb().save(p, "TGA"),
+    "mpo": lambda p: rgb().save(p, "MPO", save_all=True, append_images=[rgb(seed=1)]),  # a camera's
+    "jpeg2000": lambda p: rgb().save(p, "JPEG2000"), "pcx": lambda p: rgb().save(p, "PCX"),
 }
 
 
