@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bt_fast.errors import ConfigError, ResumeError
+from bt_fast.errors import CheckpointError, ConfigError, ResumeError
 
 OPTIONS = ("none", "bf16", "powersgd")
 MIN_COMPRESSION_RATE = 2
@@ -314,7 +314,13 @@ def resume(comm, ckpt: dict | None, path, step: int, rank: int, run_dir) -> str 
     if saved["world_size"] != comm.world:
         raise ResumeError(f"{path}: its PowerSGD state (error feedback) is from {saved['world_size']} "
                           f"rank(s), this run has {comm.world}; start a new run_dir or use that world size")
-    comm.load_state_dict(saved, checkpoint.load_rank_file(run_dir, "feedback", step, rank))
+    try:
+        local = checkpoint.load_rank_file(run_dir, "feedback", step, rank)
+    except CheckpointError as e:
+        raise ResumeError(f"{e} (rank {rank}'s PowerSGD error feedback for step {step}, written beside "
+                          f"{path}: copy the whole checkpoints folder, or set dist.grad_compression to "
+                          "none or bf16 to resume without it)") from None
+    comm.load_state_dict(saved, local)
     if saved["rank"] != comm.rank:
         return f"dist.powersgd_rank changed {saved['rank']} -> {comm.rank}: Q starts afresh"
     return None

@@ -49,19 +49,30 @@ def check(cfg: config.Config, world_sizes: list[int]) -> None:
 
 
 def check_resume(cfg: config.Config, world_sizes: list[int]) -> None:
-    """A checkpoint whose PowerSGD error feedback was written by another world size
-    cannot resume (each rank's buffer is its own); read through mmap, so cheap."""
+    """A checkpoint whose PowerSGD error feedback was written by another world size, or
+    whose per-rank files are gone, cannot resume (each rank's buffer is its own); read
+    through mmap, so cheap."""
     path = checkpoint.latest(cfg.train.run_dir)
     if path is None or cfg.dist.grad_compression != "powersgd":
         return
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("grad_comm")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved, step = ckpt.get("grad_comm"), ckpt["step"]
     except Exception:  # noqa: BLE001 - unreadable: the trainer falls back to prev.pt and says so
         return
-    if saved and saved["world_size"] not in world_sizes:
+    if not saved:
+        return
+    if saved["world_size"] not in world_sizes:
         raise ResumeError(f"{path}: its PowerSGD state (error feedback) is from {saved['world_size']} "
                           f"rank(s), this launch has {' or '.join(map(str, world_sizes))}; start a new "
                           "train.run_dir or launch that many ranks")
+    missing = [r for r in range(saved["world_size"])
+               if not checkpoint.rank_file(cfg.train.run_dir, "feedback", step, r).is_file()]
+    if missing:
+        raise ResumeError(f"{path}: the PowerSGD error feedback of rank(s) {', '.join(map(str, missing))} for "
+                          f"step {step} is missing from {checkpoint.checkpoint_dir(cfg.train.run_dir) / 'feedback'}: "
+                          "copy the whole checkpoints folder, or set dist.grad_compression to none or bf16 "
+                          "to resume without it")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,29 @@ def test_preflight_refuses_in_one_line(tiny_imagefolder, tmp_path, world, extra,
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+def test_preflight_refuses_error_feedback_from_another_world_size(tiny_imagefolder, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": {}, "step": 3, "config": {}, "grad_comm": {"kind": "powersgd", "world_size": 2}},
+               run / "checkpoints" / "last.pt")
+    base = [sys.executable, "-m", "bt_fast.preflight", "--world-sizes"]
+    train = ["--", "--config", str(CONFIGS / "smoke.yaml"), "--set", f"data.train_dir={tiny_imagefolder / 'train'}",
+             "--set", f"train.run_dir={run}", "--set", "dist.grad_compression=powersgd",
+             "--set", "dist.powersgd_start=2"]
+    proc = subprocess.run(base + ["4"] + train, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error feedback) is from 2 rank(s), this launch has 4" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    from bt_fast import checkpoint
+
+    for rank in (0, 1):
+        checkpoint.save_rank_file({"error": {}}, run, "feedback", 3, rank)
+    proc = subprocess.run(base + ["2"] + train, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    checkpoint.rank_file(run, "feedback", 3, 1).unlink()  # a copy that left one rank's file behind
+    proc = subprocess.run(base + ["2"] + train, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error feedback of rank(s) 1 for step 3 is missing" in proc.stderr, proc.stderr
+
+
 # ---------------------------------------------------------------- two gloo ranks
 
 
