@@ -120,17 +120,18 @@ def _worker(rank: int, world: int, port: int, config_path: str, sets: list, opti
 
 
 def bench(config_path: str, sets: list, worlds: list[int], options: list[str], *, steps: int = 3,
-          image_size: int = 32, batch: int = 2) -> list[dict]:
-    """One dict per world size: {"world_size", "options": {option: counts}}."""
+          image_size: int = 32, batch: int = 2, fresh: bool = True) -> list[dict]:
+    """One dict per world size: {"world_size", "options": {option: counts}}. ``fresh``: new
+    processes per option (the peak memory is one model's); else one set per world size."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
             # OMP_NUM_THREADS=1: hooks' chained matmuls run on gloo's threads (see gradcomm)
             rows = {}
-            for option in options:  # fresh processes per option: the peak memory is one model's
-                run_workers("bt_fast.bench.comm:_worker", world, config_path, sets, [option], steps, image_size,
+            for group in ([[o] for o in options] if fresh else [options]):
+                run_workers("bt_fast.bench.comm:_worker", world, config_path, sets, group, steps, image_size,
                             batch, tmp, env={**os.environ, "OMP_NUM_THREADS": "1"})
-                with open(os.path.join(tmp, f"w{world}.{option}.json")) as f:
+                with open(os.path.join(tmp, f"w{world}.{'.'.join(group)}.json")) as f:
                     rows.update(json.load(f))
             base = rows.get("none", {}).get("sent_bytes")
             for row in rows.values():
