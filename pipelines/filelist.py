@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,17 +136,19 @@ class RootGuard:
         return real == self.real or real.startswith(self.real.rstrip(os.sep) + os.sep)
 
     def problem(self, rel: str) -> str | None:
-        if os.path.isabs(rel) or rel.startswith(("/", "\\")):
+        # Plain string work first (one call per listed file: ~1 us, not os.path's ~10).
+        if rel.startswith(("/", "\\")):
             return "an absolute path; entries are relative to the data root"
-        if ".." in rel.replace("\\", "/").split("/"):
+        if ".." in rel and ".." in rel.replace("\\", "/").split("/"):
             return "'..' leads out of the data root"
-        full = os.path.join(self.real, rel)
-        parent = os.path.dirname(full)
-        if parent not in self.dirs:
-            self.dirs[parent] = self._within(os.path.realpath(parent))
-        if not self.dirs[parent]:
+        folder = rel.rpartition("/")[0]
+        inside = self.dirs.get(folder)
+        if inside is None:
+            inside = self.dirs[folder] = self._within(os.path.realpath(os.path.join(self.real, folder)))
+        if not inside:
             return "its folder is a link that leads out of the data root"
         if self.follow_files:
+            full = os.path.join(self.real, rel)
             try:
                 is_link = stat.S_ISLNK(os.lstat(full).st_mode)
             except OSError:
@@ -208,6 +211,9 @@ def image_problem(path: str | os.PathLike) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")  # line breaks and control characters
+
+
 def name_problem(rel: str) -> str | None:
     """Why a relative path cannot go into the list, or None.
 
@@ -219,6 +225,6 @@ def name_problem(rel: str) -> str | None:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return "file name is not valid UTF-8 (rename the file)"
-    if any(ord(c) < 32 or c == "\x7f" for c in rel) or "\u2028" in rel or "\u2029" in rel:
+    if _CONTROL.search(rel):
         return "file name contains a line break or control character (rename the file)"
     return None

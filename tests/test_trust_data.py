@@ -375,3 +375,17 @@ def test_a_doctored_checkpoint_config_is_refused_by_eval_naming_the_key(tmp_path
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "doctored.pt"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "data.image_size=1000000000: must be in [2, 8192]" in err, err
+
+
+def test_a_cut_or_foreign_feature_cache_is_ignored_not_trusted(tmp_path):
+    from bt_fast.eval.features import _cached
+
+    good = {"features": torch.zeros(3, 4), "labels": torch.zeros(3, dtype=torch.long)}
+    torch.save(good, tmp_path / "good.pt")
+    assert _cached(tmp_path / "good.pt") is not None
+    raw = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    torch.save({"features": torch.zeros(3, 4), "labels": torch.zeros(2)}, tmp_path / "mismatch.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    for name in ("cut.pt", "mismatch.pt", "list.pt"):
+        assert _cached(tmp_path / name) is None, name
