@@ -74,8 +74,11 @@ def get(mon) -> dict:
     path = cache_dir() / f"{key(mon.cfg, mon.readouts)}.json"
     try:
         cached = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         cached = None
+    if not (isinstance(cached, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in cached.values())):
+        cached = None  # not ours (edited, another version's): computed again, never trusted
     if mon.agree(cached is not None):  # every rank read it: else all compute (collectives)
         return cached
     values = compute(mon)
