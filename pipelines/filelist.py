@@ -193,22 +193,16 @@ def image_problem(path: str | os.PathLike) -> str | None:
     (catches truncated files that verify() misses). ``data check`` runs it on every file;
     the DALI reader runs it to name the file that stopped a pipeline (DALI names none).
     """
-    from .images import open_image
+    from .images import decode_problem
 
     try:
         if not os.path.isfile(path):
             return "file not found" if not os.path.lexists(path) else "not a regular file"
         if os.stat(path).st_size == 0:
             return "empty file"
-        with open_image(path) as im:
-            im.load()
-        return None
-    except SourceError as e:
-        return str(e).removeprefix(f"{path}: ")
     except OSError as e:
         return e.strerror or f"{type(e).__name__}: {e}"
-    except Exception as e:  # PIL raises many types for bad data
-        return f"{type(e).__name__}: {e}"
+    return decode_problem(path)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")  # line breaks and control characters

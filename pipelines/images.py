@@ -19,6 +19,7 @@ Problems are ``SourceError`` naming the file (the trainer's CLI prints one line)
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from contextlib import contextmanager
@@ -43,22 +44,26 @@ def max_pixels() -> int:
 
 
 @contextmanager
-def open_image(path: str | os.PathLike):
-    """A PIL image whose header passed both rules, not yet decoded; SourceError otherwise."""
+def open_image(path: str | os.PathLike, data: bytes | None = None):
+    """A PIL image whose header passed both rules, not yet decoded; SourceError otherwise.
+
+    ``data``: the file's bytes when they do not come from ``path`` itself (a WebDataset
+    member; ``path`` then only names it in messages)."""
     from PIL import Image  # the decoder: only what opens images needs it
 
     limit = max_pixels()
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise SourceError(f"{path}: {e.strerror or type(e).__name__}") from None
-    if not stat.S_ISREG(mode):  # a FIFO would block the open forever, a device never end
-        raise SourceError(f"{path}: not a regular file")
+    if data is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise SourceError(f"{path}: {e.strerror or type(e).__name__}") from None
+        if not stat.S_ISREG(mode):  # a FIFO would block the open forever, a device never end
+            raise SourceError(f"{path}: not a regular file")
     # The check below replaces PIL's own (a warning at 89 M pixels, an error at twice
     # that, both global): one limit, one message naming the size and the setting.
     Image.MAX_IMAGE_PIXELS = None
     try:
-        im = Image.open(path)
+        im = Image.open(path if data is None else io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise SourceError(f"{path}: not an image file PIL or DALI can read") from None
     except OSError as e:
@@ -94,3 +99,16 @@ def header_problem(path: str | os.PathLike) -> str | None:
             return None
     except SourceError as e:
         return str(e).removeprefix(f"{path}: ")
+
+
+def decode_problem(path: str | os.PathLike, data: bytes | None = None) -> str | None:
+    """Why the image (at ``path``, or ``data`` named ``path``) fails the rules or does not
+    fully decode, else None: what ``data check`` and the readers' post-mortems ask."""
+    try:
+        with open_image(path, data) as im:
+            im.load()
+        return None
+    except SourceError as e:
+        return str(e).removeprefix(f"{path}: ")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        return f"{type(e).__name__}: {e}"

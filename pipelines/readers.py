@@ -22,7 +22,7 @@ from nvidia.dali import fn, types
 from . import filelist
 from .errors import SourceError
 from .filelist import FILELIST, image_problem
-from .images import header_problem
+from .images import decode_problem, header_problem
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 SIZE_SAMPLE = 256  # files whose sizes enter a folder's fingerprint
 SHUFFLE_BUFFER = 1024  # DALI's default initial_fill: samples shuffled together
@@ -190,6 +190,13 @@ class WebDatasetSource:
                 self._members(p)
             except SourceError as e:
                 return p, str(e).removeprefix(f"{p}: ")
+        for p in self.paths:  # whole shards: then a member image DALI could not decode
+            with tarfile.open(p) as tar:
+                for m in tar:
+                    if m.isfile() and m.name.rpartition(".")[2].lower() in IMAGE_EXTS:
+                        why = decode_problem(f"{p}:{m.name}", tar.extractfile(m).read())
+                        if why:
+                            return f"{p}:{m.name}", why
         return None
 
     def __len__(self) -> int:

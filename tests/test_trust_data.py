@@ -389,3 +389,23 @@ def test_a_cut_or_foreign_feature_cache_is_ignored_not_trusted(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     for name in ("cut.pt", "mismatch.pt", "list.pt"):
         assert _cached(tmp_path / name) is None, name
+
+
+@pytest.mark.slow  # a DALI pipeline that stops on the member
+def test_a_webdataset_member_dali_cannot_decode_is_named(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from bt_fast.pipelines import MultiViewLoader, ViewSpec, WebDatasetSource
+
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            buf = io.BytesIO()
+            rgb(16, 16, seed=i).save(buf, "GIF" if i == 2 else "JPEG")  # a GIF named .jpg
+            for ext, data in (("jpg", buf.getvalue()), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    loader = MultiViewLoader(WebDatasetSource([shard]), [ViewSpec(size=16), ViewSpec(size=16)], 2,
+                             device="cpu", num_threads=1)
+    with pytest.raises(SourceError, match=f"{shard}:002.jpg: a GIF image, which the pipeline's decoder"):
+        list(loader)
