@@ -65,6 +65,10 @@ class ModelConfig:
         parse_readout(self.readout)
 
 
+MAX_GRID = 32
+"""Largest readout grid side: 32 x 32 cells of a layer4 map is already 2 M features."""
+
+
 def parse_readout(spec: str) -> list[tuple[int, int]]:
     """'layer3:4,layer4:2' -> [(3, 4), (4, 2)]: ResNet stage (1-4), average-pool grid side.
 
@@ -73,9 +77,10 @@ def parse_readout(spec: str) -> list[tuple[int, int]]:
     items = []
     for item in str(spec).split(","):
         stage, _, grid = item.strip().partition(":")
-        if not (stage in ("layer1", "layer2", "layer3", "layer4") and grid.isdigit() and int(grid) > 0):
-            raise ValueError(f"readout={spec!r}: expected items like layer4:1 or layer3:4,layer4:2 "
-                             "(stage layer1-layer4, grid side >= 1)")
+        ok_grid = grid.isascii() and grid.isdigit() and 0 < int(grid) <= MAX_GRID
+        if not (stage in ("layer1", "layer2", "layer3", "layer4") and ok_grid):
+            raise ValueError(f"readout={str(spec)[:80]!r}: expected items like layer4:1 or layer3:4,layer4:2 "
+                             f"(stage layer1-layer4, grid side 1-{MAX_GRID})")
         items.append((int(stage[-1]), int(grid)))
     return items
 

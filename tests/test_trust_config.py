@@ -228,3 +228,10 @@ def test_merge_keys_work_and_explicit_keys_override_them(tmp_path):
     q.write_text("views:\n  - &v {size: 16, blur_p: 1.0}\n  - {<<: *v, blur_p: 0.1, blur_p: 0.2}\n")
     with pytest.raises(ConfigError, match="duplicate key 'blur_p'"):
         config.load(q)
+
+
+@pytest.mark.parametrize("spec", ["layer4:5000", "layer4:0", "layer4:\u0663", "layer9:1", "layer4"])
+def test_readout_grid_is_bounded(spec):
+    """A grid of 5000 x 5000 cells once allocated until the machine ran out of memory."""
+    with pytest.raises(ConfigError, match="grid side 1-32"):
+        config.load(None, [f"model.readout={spec}"])
