@@ -42,3 +42,33 @@ def test_byol_trains_on_two_ranks_with_a_frozen_target(tiny_imagefolder, tmp_pat
                       and "num_batches" not in k)
     in_optimizer = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
     assert in_optimizer == len(ckpt["optimizer"]["state"]) == n_trainable  # the target is not in LARS
+
+
+def _multicrop_worker(rank: int, world: int, port: int, data: str, run_dir: str, method: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      GLOO_SOCKET_IFNAME="lo")
+    from bt_fast.cli import main
+
+    sets = [f"method.name={method}", "train.max_steps=3", f"data.train_dir={data}/train",
+            f"data.val_dir={data}/val", f"train.run_dir={run_dir}"]
+    code = main(["train", "--config", str(CONFIGS / "smoke.yaml"), *[a for s in sets for a in ("--set", s)]])
+    assert code == 0, code
+
+
+@pytest.mark.parametrize("method", ["swav", "dino"])
+def test_multicrop_trains_on_two_ranks(tiny_imagefolder, tmp_path, monkeypatch, method):
+    """4 crops of 2 sizes (smoke.yaml's sections) under DDP's static graph and CPU
+    SyncBatchNorm: SwAV's prototypes frozen for 2 steps then trained, DINO's teacher and
+    centre moving, everything finite."""
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run_workers("test_methods_ddp:_multicrop_worker", 2, str(tiny_imagefolder), str(tmp_path), method, timeout=600)
+    ckpt = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    state = ckpt["model"]
+    assert ckpt["step"] == 3 and all(torch.isfinite(v.float()).all() for v in state.values())
+    if method == "swav":  # unit prototypes, updated once (step 3) after the 2 frozen steps
+        torch.testing.assert_close(state["prototypes.weight"].norm(dim=1), torch.ones(16))
+    else:
+        assert state["center"].abs().sum() > 0
+        assert any(not torch.equal(v, state[f"teacher.{k}"]) for k, v in state.items()
+                   if k.startswith("backbone.") and v.is_floating_point())
