@@ -199,6 +199,10 @@ def setup(cfg: config.Config) -> Run:
     found = checkpoint.load_latest(run_dir)  # last.pt, else prev.pt with a warning
     if found is not None:
         ckpt, last = found
+        trained = ckpt.get("config", {}).get("method", {}).get("name", cfg.method.name)
+        if trained != cfg.method.name:
+            raise ResumeError(f"{last}: trained with method.name={trained!r}, this config says "
+                              f"{cfg.method.name!r}; a new train.run_dir starts a new run")
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -61,6 +61,10 @@ def test_kill_9_then_resume_is_bit_exact(tiny_imagefolder, tmp_path, method):
     assert list(a["model"]) == list(b["model"])
     for key, value in a["model"].items():  # weights, BN statistics, teacher, centre, prototypes
         assert torch.equal(value, b["model"][key]), key
+    other = {"swav": "dino", "dino": "swav"}[method]  # resuming it as the other method: one line, exit 2
+    out = subprocess.run(_cmd(tiny_imagefolder, killed, other, "train.max_steps=9"), cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and f"trained with method.name='{method}'" in out.stderr, out.stderr[-500:]
     # the saved config lists the crops the run used: 2 global at 32 px, 2 local at 16 px
     saved = yaml.safe_load((killed / "config.yaml").read_text())
     sizes = [v["size"] for v in saved["views"] for _ in range(v["count"])]
