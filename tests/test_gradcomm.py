@@ -239,6 +239,10 @@ def test_docs_quote_the_scaling_table_and_the_models_bytes(repo_root):
         assert f"`{option}` {int(value):,}" in doc or f"`{option}` (rank 4) {int(value):,}" in doc
     assert f"{sent['none'] / sent['powersgd']:.0f}× fewer" in doc
     assert scaling.buckets(shapes) == 7  # as DDP made them (bench comm: 7 all-reduces for none)
+    readme = (repo_root / "README.md").read_text()  # the ImageNet and Fashion-MNIST byte columns
+    fmnist = scaling.shapes_of(config.load(CONFIGS / "fmnist.yaml"))
+    for shapes_, option in [(shapes, o) for o in gradcomm.OPTIONS] + [(fmnist, o) for o in gradcomm.OPTIONS]:
+        assert f"{int(gradcomm.sent_bytes(shapes_, option, 2)):,}" in readme, option
 
 
 def test_the_model_picks_compression_only_across_nodes():
