@@ -36,5 +36,6 @@ def test_report_of_a_vicreg_run_plots_its_terms_and_no_heatmap(tiny_imagefolder,
     capsys.readouterr()
     assert main(["report", str(run)]) == 0
     assert "no cross-correlation heatmap" in capsys.readouterr().out
+    # smoke.yaml runs the monitor (online probe, kNN at the last step): accuracy.png too
     assert {p.name for p in (run / "report").iterdir()} == {"throughput.png", "step_time.png", "loss.png",
-                                                            "dashboard.png"}
+                                                            "dashboard.png", "accuracy.png"}

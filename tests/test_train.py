@@ -162,10 +162,19 @@ def test_nan_batch_changes_no_parameter_and_no_buffer(dataset, tmp_path, method)
     assert all(torch.isfinite(v.float()).all() for v in run.model.state_dict().values())
 
 
-def test_exploding_bias_lr_leaves_finite_bn_statistics_in_the_checkpoint(dataset, tmp_path):
-    """lr_biases=1e30: the first step blows BN weights up, later steps are NaN and skipped;
-    their forward passes must not leave NaN/inf running statistics in the checkpoint."""
-    args = smoke_args(dataset, tmp_path, "optim.lr_biases=1e30", "optim.warmup_epochs=0",
+def test_exploding_bias_lr_leaves_finite_bn_statistics_in_the_checkpoint(dataset, tmp_path, monkeypatch):
+    """A bias/BN learning rate of 1e30 (past optim.lr_biases' range, so forced here
+    through the schedule): the first step blows BN weights up, later steps are NaN and
+    skipped; their forward passes must not leave NaN/inf running statistics behind."""
+    real_set_lr = train.optim.set_lr
+
+    def exploding_set_lr(optimizer, *args, **kwargs):
+        lrs = real_set_lr(optimizer, *args, **kwargs)
+        optimizer.param_groups[1]["lr"] = 1e30  # the biases and BN group
+        return lrs
+
+    monkeypatch.setattr(train.optim, "set_lr", exploding_set_lr)
+    args = smoke_args(dataset, tmp_path, "optim.warmup_epochs=0",
                       "train.max_steps=3", "train.log_every=3")
     assert main(args) == 0
     (record,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
