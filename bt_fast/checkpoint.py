@@ -26,11 +26,11 @@ from typing import Optional
 
 import torch
 
-from bt_fast import safeio
+from bt_fast import runlock, safeio
+from bt_fast.checkpoint_schema import WRAPPERS, problems, strip_wrappers  # noqa: F401 (re-exported)
 from bt_fast.errors import CheckpointError, DiskFullError, RunDirError, WriteError
 
 LAST, PREV = "last.pt", "prev.pt"
-WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile prefixes (see dist.unwrap)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -73,11 +73,7 @@ def prepare(run_dir: str | Path, clean: bool = True) -> Path:
     preflight). An unwritable run folder is one line (RunDirError) here rather than a
     traceback at the first checkpoint.
     """
-    if not str(run_dir).strip():
-        raise RunDirError("train.run_dir is empty: set it to the folder this run writes "
-                          "(e.g. --set train.run_dir=runs/NAME); an empty one would write into "
-                          "the current folder")
-    ckdir = checkpoint_dir(run_dir)
+    ckdir = checkpoint_dir(runlock.check_run_dir(run_dir))
     try:
         safeio.make_dir(ckdir)
         probe = safeio.write_atomic(ckdir / f".write-test.{os.getpid()}", b"", durable=False, sweep=False)
@@ -155,23 +151,10 @@ def load_rank_file(run_dir: str | Path, kind: str, step: int, rank: int) -> dict
 # ------------------------------------------------------------------ reading
 
 
-def strip_wrappers(state: dict) -> dict:
-    """A state_dict with DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes
-    removed (the keys of ``dist.unwrap(model).state_dict()``)."""
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPERS:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
-def load(path: str | Path, map_location="cpu", required=("model", "step", "config")) -> dict:
-    """Load a checkpoint with weights_only=True; CheckpointError (one line) if it is not one."""
+def load(path: str | Path, map_location="cpu", need: str = "weights") -> dict:
+    """Load a checkpoint with weights_only=True and check it holds what ``need`` asks
+    ("weights": eval/export; "resume": train; bt_fast.checkpoint_schema): CheckpointError,
+    one line naming the file and the key, if it does not."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -180,11 +163,11 @@ def load(path: str | Path, map_location="cpu", required=("model", "step", "confi
     except Exception as e:  # torch raises many types for a torn or foreign file
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: not a readable bt_fast checkpoint ({type(e).__name__}: {first})") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: not a bt_fast checkpoint (a {type(ckpt).__name__}, not a dict)")
-    missing = set(required) - set(ckpt)
-    if missing:
-        raise CheckpointError(f"{path}: not a bt_fast checkpoint (missing {sorted(missing)})")
+    found = problems(ckpt, need)
+    if found:
+        what = "resume from" if need == "resume" else "read the weights of"
+        raise CheckpointError(f"{path}: not a bt_fast checkpoint this command can {what}: {found[0]}"
+                              + (f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""))
     return ckpt
 
 
@@ -196,12 +179,12 @@ def load_latest(run_dir: str | Path) -> Optional[tuple[dict, Path]]:
     if not last.is_file() and not prev.is_file():
         return None
     try:
-        return load(last), last
+        return load(last, need="resume"), last
     except CheckpointError as e:
         if not prev.is_file():
             raise CheckpointError(f"{e}; no {PREV} to fall back to: move {last} away to start over") from None
         try:
-            ckpt = load(prev)
+            ckpt = load(prev, need="resume")
         except CheckpointError as e2:
             raise CheckpointError(f"neither checkpoint loads: {e}; {e2}") from None
         print(f"warning: {e}; resuming from the previous checkpoint {prev} (step {ckpt['step']})",

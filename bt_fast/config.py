@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 
 import yaml
 
-from bt_fast import gradcomm
+from bt_fast import gradcomm, safeio
 from bt_fast.errors import ConfigError
 from bt_fast.methods import METHODS
 from bt_fast.pipelines import bounds, presets
@@ -385,9 +385,15 @@ def _final_method(values: dict, overrides: list[str]) -> Optional[str]:
     return name
 
 
-def save(cfg: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def dump(cfg: Config) -> str:
+    """The resolved config as the YAML text ``save`` writes."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save(cfg: Config, path: str | Path, inputs=()) -> None:
+    """The resolved config as YAML, through the write gate (bt_fast.safeio): atomic,
+    never through a link, never over one of ``inputs`` (the files the command read)."""
+    safeio.write_atomic(path, dump(cfg), inputs=inputs)
 
 
 def read_overlay(path: str | Path) -> list[str]:

@@ -39,13 +39,25 @@ FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 def write_file_list(root: Path, entries: list[tuple[str, int]], classes: list[str]) -> None:
     """Write ROOT/filelist.txt, classes.txt and filelist.checked through the write gate
-    (bt_fast.safeio: atomic, never through a link; a full disk is one line)."""
+    (bt_fast.safeio: atomic, never through a link; a full disk is one line).
+
+    The list commits the set: images are written without an fsync each (``save_image``),
+    so one sync() first makes them durable before the list that names them.
+    """
+    os.sync()
     try:
         for name, text in filelist.render(entries, classes):
             safeio.write_atomic(Path(root) / name, text)
     except DiskFullError:
         raise DiskFullError(f"disk full while writing the file list of {root}; "
                             "the previous list, if any, is intact") from None
+
+
+def save_image(array: np.ndarray, path: Path, quality: int) -> None:
+    """One JPEG through the write gate; no fsync (the file list is the commit point) and
+    no sweep of the folder (thousands of files: sweeping per write would be quadratic)."""
+    safeio.write_atomic(path, lambda f: Image.fromarray(array).save(f, format="JPEG", quality=quality),
+                        durable=False, sweep=False)
 
 
 def read_file_list(root: str | Path) -> tuple[list[str], list[int], list[str]]:
@@ -148,13 +160,13 @@ def _fmnist_arrays(cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _write_split(root: Path, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
     for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
+        safeio.make_dir(root / c)
     entries = []
     for i, (img, y) in enumerate(zip(images, labels)):
         rel = f"{classes[y]}/{i:05d}.jpg"
         if img.ndim == 2:
             img = np.repeat(img[:, :, None], 3, axis=2)  # RGB JPEGs, as the recipe expects
-        Image.fromarray(img).save(root / rel, quality=95)
+        save_image(img, root / rel, quality=95)
         entries.append((rel, int(y)))
         if (i + 1) % 10000 == 0:
             print(f"  wrote {i + 1}/{len(labels)} images to {root}", file=sys.stderr)
@@ -201,10 +213,10 @@ def make_synthetic(out: str | Path, *, classes: int = 4, train_per_class: int = 
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         entries = []
         for y, name in enumerate(names):
-            (out / split / name).mkdir(parents=True, exist_ok=True)
+            safeio.make_dir(out / split / name)
             for i in range(per_class):
                 rel = f"{name}/{i:04d}.jpg"
-                Image.fromarray(synthetic_image(rng, y, size)).save(out / split / rel, quality=90)
+                save_image(synthetic_image(rng, y, size), out / split / rel, quality=90)
                 entries.append((rel, y))
         write_file_list(out / split, entries, names)
     return out
@@ -222,8 +234,6 @@ def carve_dev(train_root: str | Path, out: str | Path, n_dev: int) -> tuple[Path
     original training file) that is exactly training images 50,000-59,999 for
     ``n_dev=10000``. Files are hard links (no extra disk), copies across file systems.
     """
-    import shutil
-
     train_root, out = Path(train_root), Path(out)
     paths, labels, classes = read_file_list(train_root)
     if not 0 < n_dev < len(paths):
@@ -234,15 +244,8 @@ def carve_dev(train_root: str | Path, out: str | Path, n_dev: int) -> tuple[Path
     splits = {"train": [i for i in range(len(paths)) if i not in dev], "dev": sorted(dev)}
     for split, idx in splits.items():
         root = out / split
-        for i in idx:
-            dst = root / paths[i]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.exists():
-                dst.unlink()  # a re-run with another n_dev: replace, never mix
-            try:
-                os.link(train_root / paths[i], dst)
-            except OSError:
-                shutil.copyfile(train_root / paths[i], dst)
+        for i in idx:  # a re-run with another n_dev replaces each file, never mixes
+            safeio.link_or_copy(train_root / paths[i], root / paths[i])
         write_file_list(root, [(paths[i], labels[i]) for i in idx], classes)
     return out / "train", out / "dev"
 

@@ -113,7 +113,7 @@ USER_ERRORS = (UserError, PipelineError)
 bad-input errors (bt_fast.pipelines.errors), which cannot derive from it."""
 
 # RuntimeError texts that are allocation failures: DALI's ("CUDA allocation failed",
-# "Can't allocate ... bytes"), torch's CPU allocator ("DefaultCPUAllocator: can't
+# "Can't allocate %zu bytes on device %d." / "on host.", strings of libdali 2.4), torch's CPU allocator ("DefaultCPUAllocator: can't
 # allocate memory"), std::bad_alloc through pybind, and DataLoader workers the kernel's
 # OOM killer took.
 _ALLOCATION = re.compile(r"out of memory|can'?t allocate|cannot allocate|bad_alloc|allocation failed|"
@@ -121,7 +121,7 @@ _ALLOCATION = re.compile(r"out of memory|can'?t allocate|cannot allocate|bad_all
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError):
+    if isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno == 12):  # ENOMEM
         return True
     # torch.OutOfMemoryError (also torch.cuda.OutOfMemoryError), by name: this module
     # must not import torch.

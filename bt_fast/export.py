@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bt_fast import safeio
 from bt_fast.errors import UsageError
 from bt_fast.eval.features import load_backbone
 
@@ -58,23 +59,25 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "pt") -> Path:
     """Write the backbone weights to ``out`` and its rebuild notes to ``out.yaml``."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    out = Path(out)
+    out, notes_path = Path(out), Path(f"{out}.yaml")
+    for target in (out, notes_path):  # refused before the checkpoint is even read
+        safeio.check_target(target, inputs=[checkpoint])
     state, model_cfg, provenance = backbone_state(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         try:
-            from safetensors.torch import save_file  # optional dependency
+            from safetensors.torch import save as to_bytes  # optional dependency
         except ImportError:
             raise UsageError("--format safetensors needs the safetensors package "
                              "(pip install safetensors); --format pt needs nothing") from None
-        save_file(state, str(out), metadata={"source": provenance["checkpoint"]})
+        safeio.write_atomic(out, to_bytes(state, metadata={"source": provenance["checkpoint"]}),
+                            inputs=[checkpoint])
     else:
-        torch.save(state, out)
+        safeio.write_atomic(out, lambda f: torch.save(state, f), inputs=[checkpoint])
     notes = {"model": {"backbone": model_cfg.backbone, "width": model_cfg.width,
                        "small_stem": model_cfg.small_stem},
              "torchvision_layout": is_torchvision_layout(model_cfg), **provenance,
              "rebuild": rebuild_recipe(model_cfg, out.name)}
-    Path(f"{out}.yaml").write_text(yaml.safe_dump(notes, sort_keys=False))
+    safeio.write_atomic(notes_path, yaml.safe_dump(notes, sort_keys=False), inputs=[checkpoint])
     return out
 
 

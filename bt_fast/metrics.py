@@ -59,6 +59,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from bt_fast import safeio
 from bt_fast.errors import MetricsPortError
 
 PHASES = ("data_wait", "forward", "backward", "comm", "optimizer")
@@ -233,20 +234,24 @@ class JsonlSink(Sink):
     """
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # Line-buffered: readable while running. Through the write gate: never appends
+        # through a link left at the path (bt_fast.safeio.open_append).
+        self._file = safeio.open_append(path)
         torn = False
-        if path.is_file() and path.stat().st_size:
+        if path.stat().st_size:  # a plain file now (open_append refused links and FIFOs)
             with open(path, "rb") as f:
                 f.seek(-1, 2)
                 torn = f.read(1) != b"\n"
-        self._file = open(path, "a", buffering=1)  # line-buffered: readable while running
         if torn:  # a killed run's torn last line: end it, or it swallows our first record
             self._file.write("\n")
         self._t0 = time.time()
 
     def _write(self, obj: dict) -> None:
-        self._file.write(json.dumps(obj, allow_nan=True) + "\n")
+        try:
+            self._file.write(json.dumps(obj, allow_nan=True) + "\n")
+        except OSError as e:  # a full disk mid-run: one line naming the file
+            raise safeio.as_write_error(e, self.path) from None
 
     def log(self, record: Dict[str, Any], step: int) -> None:
         now = time.time()

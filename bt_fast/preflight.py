@@ -23,14 +23,19 @@ import sys
 
 import torch
 
-from bt_fast import checkpoint, config, gradcomm, train
-from bt_fast.errors import ResumeError, way_out
+from bt_fast import checkpoint, config, gradcomm, runlock, train
+from bt_fast.errors import ResumeError, RunLockedError, way_out
 from bt_fast.pipelines import filelist
 from bt_fast.pipelines.loader import batches_per_epoch
 
 
-def check(cfg: config.Config, world_sizes: list[int]) -> None:
-    """Raise the UserError ``bt-fast train`` would raise for this config and these sizes."""
+def check(cfg: config.Config, world_sizes: list[int], run_id: str = "") -> None:
+    """Raise the UserError ``bt-fast train`` would raise for this config and these sizes.
+
+    ``run_id``: this launch's rendezvous id; a run folder locked by a live trainer of
+    another job is refused here (torchrun would otherwise retry the refusal), one locked
+    by this job's own rank 0 is a node joining it and passes.
+    """
     config.validate(cfg)
     train.check_data(cfg, world_sizes)
     if cfg.data.reader == "folder":
@@ -46,6 +51,10 @@ def check(cfg: config.Config, world_sizes: list[int]) -> None:
     check_resume(cfg, world_sizes)
     # Writable? Temp files stay: a node joining a running elastic job must not touch them.
     checkpoint.prepare(cfg.train.run_dir, clean=False)
+    holder = runlock.holder(cfg.train.run_dir)
+    if holder is not None and not (run_id and holder.job == run_id):
+        raise RunLockedError(f"run folder {cfg.train.run_dir} is in use by another bt-fast train, "
+                             f"{holder}: wait for it to finish, stop it, or set another train.run_dir")
 
 
 def check_resume(cfg: config.Config, world_sizes: list[int]) -> None:
@@ -80,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     ours, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(prog="python -m bt_fast.preflight", description=__doc__.splitlines()[0])
     p.add_argument("--world-sizes", type=int, nargs="+", required=True, metavar="N")
-    world = p.parse_args(ours).world_sizes
+    p.add_argument("--run-id", default="", help="the torchrun rendezvous id (a node joining its own job passes)")
+    ours = p.parse_args(ours)
     t = argparse.ArgumentParser(prog="bt-fast train")
     train.add_arguments(t)  # the trainer's own flags, parsed the same way
     args = t.parse_args(train_argv)
     try:
         overlays = [s for path in args.overlay for s in config.read_overlay(path)]
-        check(config.load(args.config, overlays + args.set), world)
+        check(config.load(args.config, overlays + args.set), ours.world_sizes, ours.run_id)
     except Exception as e:  # noqa: BLE001 - user-caused: one line and its code; a bug re-raises
         return way_out("train", e)
     return 0

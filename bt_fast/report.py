@@ -24,11 +24,13 @@ From ``RUN_DIR/checkpoints/last.pt``, if present and the run is Barlow Twins (sk
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
 from pathlib import Path
 
+from bt_fast import safeio
 from bt_fast.errors import UsageError
 from bt_fast.pipelines.bounds import Range, flag_problem
 
@@ -147,9 +149,11 @@ def plot_lr(ax, records):
     ax.legend(fontsize="small")
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    """A figure as PNG through the write gate; closes it."""
+    if tight:
+        fig.tight_layout()
+    safeio.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -262,12 +266,22 @@ def plot_crosscorr(c_init, c_trained, step: int, out: Path, dims: int) -> Path:
     fig.colorbar(im, ax=axes, shrink=0.8)
     fig.suptitle(f"Cross-correlation of two views' embeddings (first {min(dims, c_init.shape[0])} "
                  f"of {c_init.shape[0]} dims); Barlow Twins drives it to the identity")
-    fig.savefig(out / "crosscorr.png", dpi=100)
-    plt.close(fig)
-    return out / "crosscorr.png"
+    return _save(fig, out / "crosscorr.png", tight=False)  # constrained layout already
 
 
 # ---------------------------------------------------------------- CLI
+
+
+def default_out(run_dir: Path) -> Path:
+    """RUN_DIR/report, or, when the run folder is read-only (another user's run, a
+    read-only mount), a folder under the user's cache (bt_fast.safeio.cache_home)."""
+    if safeio.writable_dir(run_dir / "report"):
+        return run_dir / "report"
+    resolved = run_dir.resolve()
+    tag = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
+    out = safeio.cache_home() / "reports" / f"{resolved.name}-{tag}"
+    print(f"{run_dir} is read-only: writing the report to {out}")
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -294,8 +308,7 @@ def run(args) -> int:
     records = read_jsonl(jsonl)
     if not records:
         raise UsageError(f"{jsonl}: no training records yet")
-    out = args.out or args.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = safeio.make_dir(args.out or default_out(args.run_dir))
     written = metric_plots(records, out, args.run_dir.name)
     evals = read_jsonl(jsonl, "eval_knn_top1")
     if evals:

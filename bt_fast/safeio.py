@@ -2,7 +2,7 @@
 
 Every file the tool produces (checkpoints, config.yaml, metrics.jsonl, eval caches,
 reports, exports, prepared data, tune overlays, bench outputs, compose files) goes
-through here, and tests/test_write_gate.py fails if a module writes another way.
+through here, and tests/test_write_enforcement.py fails if a module writes another way.
 What every write guarantees:
 
 - **Atomic.** The bytes go to a temp file in the target's own folder, are fsynced, then
@@ -29,6 +29,7 @@ trainer can use it (``pipelines/`` and ``kernels/`` write nothing).
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import socket
@@ -86,7 +87,8 @@ def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[Path]
     gone; returns what was removed. Live writers' and other hosts' temp files stay."""
     removed = []
     try:
-        candidates = sorted(Path(folder).glob(f".{name}.tmp.*"))
+        pattern = "*" if name == "*" else glob.escape(name)
+        candidates = sorted(Path(folder).glob(f".{pattern}.tmp.*"))
     except OSError:
         return removed
     for temp in candidates:
@@ -97,7 +99,7 @@ def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[Path]
             except FileNotFoundError:
                 pass
             except OSError as e:
-                raise _as_user_error(e, temp) from None
+                raise as_write_error(e, temp) from None
     return removed
 
 
@@ -145,7 +147,7 @@ def _no_space(error: BaseException | None) -> bool:
     return False
 
 
-def _as_user_error(error: BaseException, path: Path) -> Exception:
+def as_write_error(error: BaseException, path: Path) -> Exception:
     """The one-line error for an OS failure while writing ``path``."""
     if _no_space(error):
         return DiskFullError(f"disk full while writing {path}")
@@ -153,6 +155,14 @@ def _as_user_error(error: BaseException, path: Path) -> Exception:
     where = getattr(error, "filename", None) or path
     return WriteError(f"cannot write {path}: {reason} ({where})" if str(where) != str(path)
                       else f"cannot write {path}: {reason}")
+
+
+def _keep_mode(path: Path, fd: int) -> None:
+    """A replaced file keeps its permission bits (a config the user made private stays so)."""
+    try:
+        os.fchmod(fd, stat.S_IMODE(os.stat(path, follow_symlinks=False).st_mode))
+    except OSError:
+        pass  # a new file: the umask's default
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -174,7 +184,7 @@ def make_dir(folder: str | os.PathLike) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _as_user_error(e, folder) from None
+        raise as_write_error(e, folder) from None
     return folder
 
 
@@ -204,6 +214,7 @@ def write_atomic(path: str | os.PathLike, data: Data, *, inputs: Iterable = (), 
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
         with os.fdopen(fd, "wb") as f:
+            _keep_mode(path, f.fileno())
             if callable(data):
                 data(f)
             else:
@@ -223,7 +234,7 @@ def write_atomic(path: str | os.PathLike, data: Data, *, inputs: Iterable = (), 
         if isinstance(e, UserError):
             raise
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and _no_space(e)):
-            raise _as_user_error(e, path) from None
+            raise as_write_error(e, path) from None
         raise
     if durable:
         _fsync_dir(path.parent)
@@ -250,12 +261,20 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> None:
                 pass
             os.replace(path, previous)
     except OSError as e:
-        raise _as_user_error(e, previous) from None
+        raise as_write_error(e, previous) from None
 
 
 def link_or_copy(source: str | os.PathLike, path: str | os.PathLike, *, durable: bool = False) -> Path:
     """``path`` := the bytes of ``source``, as a hard link when the filesystem allows
-    (no copy), else an atomic copy. Replaces ``path`` atomically either way."""
+    (no copy), else an atomic copy. Replaces ``path`` atomically either way; a ``path``
+    that already is a hard link of ``source`` is left as it is (a re-run)."""
+    path = Path(path)
+    if os.path.realpath(path) != os.path.realpath(source) and path.exists() and not path.is_symlink():
+        try:
+            if os.path.samefile(path, source):
+                return path
+        except OSError:
+            pass
     path = check_target(path, (source,))
     make_dir(path.parent)
     tmp = temp_path(path)
@@ -301,7 +320,7 @@ def open_append(path: str | os.PathLike) -> TextIO:
         if e.errno == errno.ELOOP:
             raise WriteError(f"{path} is a symbolic link: bt-fast never appends through a link; "
                              "remove it") from None
-        raise _as_user_error(e, path) from None
+        raise as_write_error(e, path) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise WriteError(f"{path} is not a regular file: bt-fast appends only to plain files; remove it")
@@ -315,7 +334,7 @@ def append_line(path: str | os.PathLike, text: str) -> None:
     try:
         f.write(text.rstrip("\n") + "\n")
     except OSError as e:
-        raise _as_user_error(e, Path(path)) from None
+        raise as_write_error(e, Path(path)) from None
     finally:
         try:
             f.close()

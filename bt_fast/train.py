@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from bt_fast import checkpoint, config, dist, gradcomm, methods, metrics, monitor, optim
+from bt_fast import checkpoint, config, dist, gradcomm, methods, metrics, monitor, optim, run_folder, runlock
 from bt_fast.device import autocast, data_device, place_views, set_cudnn, set_threads
 from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError, ResumeError
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
@@ -56,6 +56,7 @@ class Run:
     steps_per_epoch: int = 1  # for the methods' epoch-based schedules (DINO's teacher temperature)
     comm: "gradcomm.PowerSGD | None" = None  # PowerSGD's hook state (error feedback, Q), else None
     monitor: "monitor.Monitor | None" = None  # online probe + kNN monitor (bt_fast/monitor.py)
+    lock: "runlock.RunLock | None" = None  # rank 0's hold on run_dir (one trainer per folder)
 
 
 class BufferGuard:
@@ -179,12 +180,15 @@ def make_loader(cfg: config.Config, env: dist.Env, state: dict | None,
         shard_id=env.rank, num_shards=env.world_size, state=state, position_only=position_only)
 
 
-def setup(cfg: config.Config) -> Run:
+def setup(cfg: config.Config, inputs=()) -> Run:
+    """Everything the loop needs; ``inputs``: the files the command read (its --config and
+    overlays), which the run never writes over."""
     config.validate(cfg)
     env = dist.init(want_cuda=data_device(cfg) == "gpu" or torch.cuda.is_available())
     set_cudnn(cfg)
     set_threads(cfg, env)
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = runlock.check_run_dir(cfg.train.run_dir)
+    lock = run_folder.claim(run_dir, env)  # before anything is built: a refusal is quick
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg).to(env.device)
     if cfg.train.channels_last:
@@ -194,8 +198,6 @@ def setup(cfg: config.Config) -> Run:
     optimizer = optim.build(model, cfg.optim)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     step, pipeline_state, entries, ckpt, last, probe_state = 0, None, None, None, None, None
-    if env.is_main:
-        checkpoint.prepare(run_dir)  # writable? temp files of a killed run removed
     found = checkpoint.load_latest(run_dir)  # last.pt, else prev.pt with a warning
     if found is not None:
         ckpt, last = found
@@ -203,16 +205,7 @@ def setup(cfg: config.Config) -> Run:
         if trained != cfg.method.name:
             raise ResumeError(f"{last}: trained with method.name={trained!r}, this config says "
                               f"{cfg.method.name!r}; a new train.run_dir starts a new run")
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise ResumeError(f"{last}: its weights do not fit this config's model "
-                              f"({str(e).strip().splitlines()[0]})") from None
-        entries = ckpt.get("data_entries")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(dist.rank_state(ckpt, "rng", last, env))
-        step, pipeline_state = ckpt["step"], dist.rank_state(ckpt, "pipeline", last, env)
+        step, pipeline_state, entries = run_folder.resume(ckpt, last, model, optimizer, scaler, env)
         probe_state = ckpt.get("online_probe")
         if env.is_main:
             print(f"resuming from {last} at step {step}", file=sys.stderr)
@@ -234,18 +227,20 @@ def setup(cfg: config.Config) -> Run:
         # the graph at every bucket. Checkpoints keep storing the plain ``model``.
         ddp = torch.compile(ddp)
     if env.is_main:
-        config.save(cfg, run_dir / "config.yaml")
+        run_folder.save_config(cfg, run_dir / "config.yaml", inputs)
     return Run(cfg, env, run_dir, model, ddp, optimizer, scaler, loader, step, total, last_step,
                warmup, steps_per_epoch=steps_per_epoch, comm=comm,
-               monitor=monitor.Monitor(cfg, env, model, probe_state))
+               monitor=monitor.Monitor(cfg, env, model, probe_state), lock=lock)
 
 
 def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
     """Resuming with other optim settings or batch size silently bends the lr schedule."""
     now = config.to_dict(cfg)
-    changed = [f"optim.{k}: {v} -> {now['optim'][k]}" for k, v in saved["optim"].items() if now["optim"].get(k) != v]
-    if saved["data"]["batch_size"] != cfg.data.batch_size:
-        changed.append(f"data.batch_size: {saved['data']['batch_size']} -> {cfg.data.batch_size}")
+    optim_saved, data_saved = saved.get("optim") or {}, saved.get("data") or {}  # older layouts: partial
+    changed = [f"optim.{k}: {v} -> {now['optim'].get(k)}" for k, v in dict(optim_saved).items()
+               if now["optim"].get(k) != v]
+    if data_saved.get("batch_size", cfg.data.batch_size) != cfg.data.batch_size:
+        changed.append(f"data.batch_size: {data_saved['batch_size']} -> {cfg.data.batch_size}")
     if changed:
         print(f"warning: resuming with a changed schedule ({'; '.join(changed)})", file=sys.stderr)
 
@@ -372,8 +367,9 @@ def run(args) -> int:
     if args.overlay:
         overlays = [s for path in args.overlay for s in config.read_overlay(path)]
     cfg = config.load(args.config, overlays + args.set)
+    state = None
     try:
-        state = setup(cfg)
+        state = setup(cfg, inputs=[args.config, *args.overlay])
         try:
             train(state)
         except SourceError as e:  # an image went bad mid-run: name it and the way back
@@ -388,5 +384,7 @@ def run(args) -> int:
               f"(the last one: {checkpoint.latest(cfg.train.run_dir) or 'none'})", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        if state is not None and state.lock is not None:
+            state.lock.release()
         dist.close()
     return 0

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bt_fast import config, dist
+from bt_fast import config, dist, safeio
 from bt_fast.errors import UsageError
 
 KNOBS = ("threads", "prefetch", "batch", "bucket", "precision", "channels_last", "compile")
@@ -102,6 +102,8 @@ def probe(cfg: config.Config, warmup: int, steps: int) -> dict:
                 "step_ms": 1e3 * seconds / steps, "data_wait": wait / seconds,
                 "loss_finite": bool(torch.isfinite(out["loss"]).item())}
     finally:
+        if run.lock is not None:  # the probe's own scratch run folder
+            run.lock.release()
         del run
         gc.collect()
         if torch.cuda.is_available():
@@ -195,6 +197,7 @@ def run(args) -> int:
     env = dist.init(want_cuda=torch.cuda.is_available())
     say = print if env.is_main else (lambda *a, **k: None)
     out = Path(args.out or Path(cfg.train.run_dir) / "tuned.yaml")
+    safeio.check_target(out, inputs=[args.config])  # a bad --out fails now, not after the probes
     say(f"tuning {args.config} ({cfg.method.name}): {env.world_size} rank(s) on {env.device.type}, "
         f"{args.warmup}+{args.steps} steps per probe, global batch {cfg.data.batch_size}")
     from bt_fast.doctor import scaling  # docs/gpu.md's model, on paper: not a probed knob
@@ -215,12 +218,11 @@ def run(args) -> int:
     if env.is_main:
         top = max(measured, key=lambda r: r["images_per_s"])
         doc = overlay(best, knobs)
-        out.parent.mkdir(parents=True, exist_ok=True)
         header = (f"# bt-fast tune --config {args.config}: best settings measured on "
                   f"{env.world_size} {env.device.type} rank(s); fastest probe "
                   f"{top['images_per_s']:.1f} images/s.\n"
                   f"# Use: bt-fast train --config {args.config} --overlay {out}\n")
-        out.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+        safeio.write_atomic(out, header + yaml.safe_dump(doc, sort_keys=False), inputs=[args.config])
         say("best: " + ", ".join(f"{s}.{k}={config.yaml_value(v)}" for s, items in doc.items()
                                  for k, v in items.items()))
         say(f"wrote {out}")

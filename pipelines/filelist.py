@@ -1,4 +1,4 @@
-"""The one reader and writer of ``ROOT/filelist.txt``, the validated image list.
+"""The one reader (and the text) of ``ROOT/filelist.txt``, the validated image list.
 
 ``bt-fast data check ROOT`` decodes every image under an ImageFolder root and writes
 (through the trainer's write gate; :func:`render` gives the texts)

@@ -28,8 +28,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 if [[ -z "$RDZV_HOST" && "$NODES" == "1" ]]; then
   rdzv=(--standalone)            # one node: a private rendezvous on a free port
+  job=()                         # torchrun picks a fresh job id: no node can join
 else
   rdzv=(--rdzv-backend=c10d --rdzv-endpoint="${RDZV_HOST:-127.0.0.1}:${RDZV_PORT}" --rdzv-id="$RUN_ID")
+  job=(--run-id "$RUN_ID")       # a node joining this job finds the run folder locked by it
 fi
 
 # Configuration errors are not retried: torchrun restarts a failed worker group whatever
@@ -43,7 +45,7 @@ if [[ "${PREFLIGHT:-1}" == "1" ]]; then
   IFS=: read -r nmin nmax <<< "$NODES"
   sizes=()
   for ((n = nmin; n <= ${nmax:-$nmin}; n++)); do sizes+=("$((n * GPUS))"); done
-  "$PYTHON" -m bt_fast.preflight --world-sizes "${sizes[@]}" -- --config "$CONFIG" "$@"
+  "$PYTHON" -m bt_fast.preflight --world-sizes "${sizes[@]}" ${job[@]+"${job[@]}"} -- --config "$CONFIG" "$@"
 fi
 
 exec "$TORCHRUN" \

@@ -14,7 +14,10 @@ from bt_fast.errors import CheckpointError, DiskFullError, RunDirError
 
 
 def ckpt(step: int) -> dict:
-    return {"model": {"w": torch.full((4,), float(step))}, "step": step, "config": {}}
+    """The trainer's layout, small: what a resume needs."""
+    return {"model": {"backbone.w": torch.full((4,), float(step))}, "step": step, "config": {},
+            "optimizer": {"state": {}, "param_groups": [{"params": [0], "lr": 0.1}]}, "scaler": {},
+            "rng": [checkpoint.rng_state()], "pipeline": [{"dali": ""}]}
 
 
 def test_save_keeps_the_previous_checkpoint(tmp_path):

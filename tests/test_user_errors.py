@@ -11,7 +11,7 @@ from conftest import CONFIGS
 
 FAMILY = [errors.ConfigError, errors.UsageError, errors.DataError, errors.EvalError,
           errors.CheckpointError, errors.ResumeError, errors.MetricsPortError, errors.DiskFullError,
-          SourceError, StateMismatch]
+          errors.RunDirError, errors.WriteError, errors.RunLockedError, SourceError, StateMismatch]
 
 
 @pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)

@@ -57,6 +57,7 @@ from bt_fast.kernels import (
     vicreg_loss,
     vicreg_official_loss,
 )
+from bt_fast import safeio
 from bt_fast.procs import run_workers
 
 
@@ -262,8 +263,7 @@ def _comm_worker(rank: int, world: int, port: int, sizes, out_dir: str, method: 
                                 "model_sent_bytes": model})
                 del z1, z2, loss
         if rank == 0:
-            with open(os.path.join(out_dir, f"w{world}.json"), "w") as f:
-                json.dump(results, f)
+            safeio.write_atomic(os.path.join(out_dir, f"w{world}.json"), json.dumps(results), durable=False)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from bt_fast.bench import emit
-from bt_fast.data import write_file_list
+from bt_fast.data import save_image, write_file_list
 from bt_fast.errors import UsageError
 from bt_fast.pipelines.bounds import Range, flag_problem
 
@@ -69,7 +69,6 @@ def add_arguments(parser) -> None:
 def make_jpegs(root: Path, n: int, seed: int = 0, size=(500, 375)) -> Path:
     """n natural-ish JPEGs (smooth colour fields + texture) as an ImageFolder + filelist."""
     rng = np.random.default_rng(seed)
-    (root / "c0").mkdir(parents=True, exist_ok=True)
     entries = []
     w, h = size
     for i in range(n):
@@ -78,7 +77,7 @@ def make_jpegs(root: Path, n: int, seed: int = 0, size=(500, 375)) -> Path:
         fine = rng.uniform(0, 255, (h // 8, w // 8, 3)).astype(np.uint8)
         img += 0.25 * (np.asarray(Image.fromarray(fine).resize((w, h), Image.BILINEAR), np.float32) - 128)
         img += rng.normal(0, 4, img.shape)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"c0/{i:05d}.jpg", quality=90)
+        save_image(np.clip(img, 0, 255).astype(np.uint8), root / f"c0/{i:05d}.jpg", quality=90)
         entries.append((f"c0/{i:05d}.jpg", 0))
     write_file_list(root, entries, ["c0"])  # the one writer of file lists (bt_fast.data)
     return root

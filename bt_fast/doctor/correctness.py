@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bt_fast import safeio
 from bt_fast.doctor.environment import Host
 from bt_fast.doctor.report import FAIL, PASS, Check, skip
 
@@ -171,7 +172,7 @@ def reload_with(cfg, edit):
     edit(values)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "doctor.yaml"
-        path.write_text(yaml.safe_dump(values))
+        safeio.write_atomic(path, yaml.safe_dump(values), durable=False)
         return config.load(path)
 
 
@@ -220,7 +221,7 @@ def dist_worker(rank: int, world: int, port: int, backend: str, n_local: int, d:
                                   z1[rows], z2[rows], torch.float32)
             out[impl] = {"loss": _rel(got[0], want[0]),
                          "grad": max(_rel(got[1], want[1][rows]), _rel(got[2], want[2][rows]))}
-        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
+        safeio.write_atomic(Path(out_dir) / f"rank{rank}.json", json.dumps(out), durable=False)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,10 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from bt_fast import checkpoint
+from bt_fast import checkpoint, safeio
 from bt_fast.config import Config, from_saved
 from bt_fast.data import read_file_list
-from bt_fast.errors import USER_ERRORS, DataError, EvalError
+from bt_fast.errors import USER_ERRORS, DataError, DiskFullError, EvalError, WriteError
 from bt_fast.pipelines.images import load_rgb
 from bt_fast.backbone import build_backbone
 
@@ -275,10 +274,15 @@ def cache_key(loaded: Loaded, root: str | Path, bf16: bool = False, indices=None
 
 
 def default_cache_dir(checkpoint: str | Path) -> Path:
-    """RUN_DIR/eval-cache for RUN_DIR/checkpoints/x.pt, else next to the checkpoint."""
+    """RUN_DIR/eval-cache for RUN_DIR/checkpoints/x.pt, else next to the checkpoint; when
+    that folder cannot be written (a read-only run folder, another user's run), a folder
+    under the user's cache ($XDG_CACHE_HOME/bt_fast or ~/.cache/bt_fast), one per run."""
     parent = Path(checkpoint).resolve().parent
     run_dir = parent.parent if parent.name == "checkpoints" else parent
-    return run_dir / "eval-cache"
+    if safeio.writable_dir(run_dir / "eval-cache"):
+        return run_dir / "eval-cache"
+    tag = hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]
+    return safeio.cache_home() / "eval-cache" / f"{run_dir.name}-{tag}"
 
 
 def _cached(path: Path) -> dict | None:
@@ -320,10 +324,12 @@ def split_features(loaded: Loaded, root: str | Path, *, cache_dir: Path | None,
         dt = time.perf_counter() - t0
         log(f"  features of {root}: {tuple(feats.shape)} in {dt:.1f}s ({len(labels) / dt:.0f} img/s)")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"features": feats, "labels": labels}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent eval never reads half a file
+        # Atomic (a concurrent eval never reads half a file). A cache is optional: one
+        # that cannot be written is a warning, not minutes of extraction thrown away.
+        try:
+            safeio.write_atomic(path, lambda f: torch.save({"features": feats, "labels": labels}, f))
+        except (WriteError, DiskFullError) as e:
+            stderr_log(f"warning: features not cached ({e})")
     return feats, labels
 
 

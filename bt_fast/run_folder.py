@@ -1,0 +1,74 @@
+"""What a training run does with its folder: claims it, resumes from it, records its config.
+
+``claim``: global rank 0 takes the folder's lock (one trainer per folder,
+bt_fast.runlock), checks it is writable and removes dead writers' temp files, and
+every rank learns the outcome. ``resume``: a checkpoint whose layout
+``bt_fast.checkpoint_schema`` passed is loaded into this config's model, optimizer,
+scaler and RNG, or refused in one line naming the part that does not fit.
+``save_config``: RUN_DIR/config.yaml through the write gate, never over an input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bt_fast import checkpoint, config, dist, errors, runlock
+from bt_fast.checkpoint_schema import check_optimizer
+from bt_fast.errors import ResumeError, UserError
+
+
+def resume(ckpt: dict, last: Path, model, optimizer, scaler, env: dist.Env) -> tuple:
+    """Load a checkpoint (already checked by bt_fast.checkpoint_schema for its layout)
+    into the model, optimizer, scaler and RNG: (step, this rank's pipeline state, data
+    entries). What does not fit this config is one ResumeError line naming the part."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ResumeError(f"{last}: its weights do not fit this config's model "
+                          f"({str(e).strip().splitlines()[0]})") from None
+    misfit = check_optimizer(ckpt["optimizer"], optimizer)
+    if misfit:
+        raise ResumeError(f"{last}: its optimizer state does not fit this config's model ({misfit})")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt["scaler"]:
+        try:
+            scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ResumeError(f"{last}: its GradScaler state does not load ({type(e).__name__}: {e})") from None
+    try:
+        checkpoint.set_rng_state(dist.rank_state(ckpt, "rng", last, env))
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # sizes/values the schema cannot see
+        raise ResumeError(f"{last}: its RNG state does not load ({type(e).__name__}: {e})") from None
+    return ckpt["step"], dist.rank_state(ckpt, "pipeline", last, env), ckpt.get("data_entries")
+
+
+def claim(run_dir: Path, env: dist.Env) -> "runlock.RunLock | None":
+    """Rank 0 locks the run folder (one trainer per folder, bt_fast.runlock), checks it is
+    writable and removes dead writers' temp files; every rank learns the outcome, so a
+    refusal is the same one line on all of them, never a rank waiting at a collective."""
+    lock, refusal = None, None
+    if env.is_main:
+        try:
+            lock = runlock.acquire(run_dir)
+            checkpoint.prepare(run_dir)  # writable? temp files of dead writers removed
+        except UserError as e:
+            refusal = (type(e).__name__, str(e))
+    outcomes = dist.gather_per_rank(refusal)  # one all-gather at start; a world of one: none
+    if outcomes[0] is not None:
+        if lock is not None:
+            lock.release()
+        name, message = outcomes[0]
+        raise getattr(errors, name, UserError)(message)
+    return lock
+
+
+def save_config(cfg: config.Config, path: Path, inputs) -> None:
+    """RUN_DIR/config.yaml, the resolved config. When it is this command's own --config
+    (resuming from the saved recipe), an unchanged one is left as it is and a changed
+    one (--set, --overlay) is refused by the write gate: a run never edits its input."""
+    try:
+        if path.is_file() and not path.is_symlink() and path.read_text(encoding="utf-8") == config.dump(cfg):
+            return
+    except (OSError, UnicodeDecodeError):
+        pass  # unreadable: the gate below decides
+    config.save(cfg, path, inputs=inputs)
