@@ -145,16 +145,16 @@ def save_rank_file(obj: dict, run_dir: str | Path, kind: str, step: int, rank: i
 
 def load_rank_file(run_dir: str | Path, kind: str, step: int, rank: int) -> dict:
     """What ``save_rank_file`` wrote; CheckpointError naming the file if it is absent or torn."""
-    return load(rank_file(run_dir, kind, step, rank), required=())
+    return load(rank_file(run_dir, kind, step, rank), need=None)
 
 
 # ------------------------------------------------------------------ reading
 
 
-def load(path: str | Path, map_location="cpu", need: str = "weights") -> dict:
+def load(path: str | Path, map_location="cpu", need: str | None = "weights") -> dict:
     """Load a checkpoint with weights_only=True and check it holds what ``need`` asks
-    ("weights": eval/export; "resume": train; bt_fast.checkpoint_schema): CheckpointError,
-    one line naming the file and the key, if it does not."""
+    ("weights": eval/export; "resume": train; bt_fast.checkpoint_schema; None: any dict,
+    for a rank's own side file): CheckpointError, one line naming the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -163,7 +163,7 @@ def load(path: str | Path, map_location="cpu", need: str = "weights") -> dict:
     except Exception as e:  # torch raises many types for a torn or foreign file
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: not a readable bt_fast checkpoint ({type(e).__name__}: {first})") from None
-    found = problems(ckpt, need)
+    found = problems(ckpt, need) if need else [] if isinstance(ckpt, dict) else [f"a {type(ckpt).__name__}, not a dict"]
     if found:
         what = "resume from" if need == "resume" else "read the weights of"
         raise CheckpointError(f"{path}: not a bt_fast checkpoint this command can {what}: {found[0]}"

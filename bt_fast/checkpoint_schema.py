@@ -139,6 +139,9 @@ def problems(ckpt, need: str = "weights") -> list[str]:
         found += [_optimizer(ckpt["optimizer"]), _per_rank(ckpt, "rng"), _per_rank(ckpt, "pipeline")]
         if not isinstance(ckpt["scaler"], Mapping):
             found.append(f"'scaler' is a {type(ckpt['scaler']).__name__}, not a mapping")
+        for key in ("online_probe", "grad_comm"):  # optional run state of the monitor, PowerSGD
+            if ckpt.get(key) is not None and not isinstance(ckpt[key], Mapping):
+                found.append(f"'{key}' is a {type(ckpt[key]).__name__}, not a mapping")
         entries = ckpt.get("data_entries")
         if entries is not None and not (torch.is_tensor(entries) and entries.dtype == torch.int64
                                         and entries.dim() == 1):

@@ -36,7 +36,7 @@ import tempfile
 import torch
 import torch.distributed as tdist
 
-from bt_fast import config, gradcomm
+from bt_fast import config, gradcomm, safeio
 from bt_fast.pipelines.spec import expand
 from bt_fast.procs import run_workers
 
@@ -112,8 +112,8 @@ def _worker(rank: int, world: int, port: int, config_path: str, sets: list, opti
         env = dist.Env(rank=rank, local_rank=rank, world_size=world)
         results = {option: measure(cfg, option, env, group, steps, image_size, batch) for option in options}
         if rank == 0:
-            with open(os.path.join(out_dir, f"w{world}.{'.'.join(options)}.json"), "w") as f:
-                json.dump(results, f)
+            safeio.write_atomic(os.path.join(out_dir, f"w{world}.{'.'.join(options)}.json"),
+                                json.dumps(results), durable=False)  # scratch: read back at once
         tdist.barrier()
     finally:
         tdist.destroy_process_group()
