@@ -183,6 +183,8 @@ def make_dir(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file (or a link to one) where the folder should be
+        raise WriteError(f"{folder} is a file, not a folder: choose another path") from None
     except OSError as e:
         raise as_write_error(e, folder) from None
     return folder

@@ -244,3 +244,9 @@ def test_kill_9_mid_write_leaves_the_old_file_and_a_temp_the_next_writer_removes
     time.sleep(0.05)
     assert path.read_bytes() == b"old"
     assert len(safeio.remove_stale_temps(tmp_path)) == 1 and temps(tmp_path) == []
+
+
+def test_a_file_where_the_folder_goes_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(WriteError, match="out is a file, not a folder"):
+        safeio.write_atomic(tmp_path / "out" / "compose.yaml", "x")
