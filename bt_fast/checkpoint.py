@@ -82,6 +82,10 @@ def prepare(run_dir: str | Path, clean: bool = True) -> Path:
         reason = getattr(e, "strerror", None) or str(e)
         raise RunDirError(f"run folder {run_dir} is not writable ({reason}): "
                           "set train.run_dir to a folder you can write") from None
+    # A link or folder planted where the run writes is refused now, before any step is
+    # trained, not at the first checkpoint (the write gate would refuse it there too).
+    for target in (ckdir / LAST, ckdir / PREV, Path(run_dir) / "config.yaml", Path(run_dir) / "metrics.jsonl"):
+        safeio.check_target(target)
     if not clean:
         return ckdir
     stale = safeio.remove_stale_temps(ckdir)
