@@ -235,3 +235,42 @@ def test_bad_stop_at_is_one_line_and_exit_2(tiny_imagefolder, tmp_path, capsys, 
 def test_stop_at_without_the_monitor_is_refused(tiny_imagefolder, tmp_path, capsys):
     assert main(smoke(tiny_imagefolder, tmp_path, "train.stop_at=knn=50", "eval.every=0")) == 2
     assert "needs the monitor: set eval.every > 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ bench tta
+
+
+def test_tta_verdict_reports_null_for_a_side_that_never_got_there():
+    from bt_fast.bench.tta import verdict
+
+    fast = [{"step": 10, "images": 1280, "seconds": 5.0, "cpu_seconds": 9.0, "knn_top1": 80.0},
+            {"step": 20, "images": 2560, "seconds": 10.0, "cpu_seconds": 19.0, "knn_top1": 85.5}]
+    slow = [{"step": 10, "images": 1280, "seconds": 30.0, "cpu_seconds": 50.0, "knn_top1": 84.0},
+            {"step": 20, "images": 2560, "seconds": 60.0, "cpu_seconds": 95.0, "knn_top1": 86.0}]
+    v = verdict({"contender": fast, "baseline": slow}, 85.0)
+    assert (v["contender_seconds"], v["baseline_seconds"], v["ratio"]) == (10.0, 60.0, 6.0)
+    assert v["cpu_ratio"] == 5.0 and v["contender_images"] == v["baseline_images"] == 2560
+    v = verdict({"contender": fast, "baseline": slow}, 85.9)
+    assert v["contender_seconds"] is None and v["baseline_seconds"] == 60.0 and v["ratio"] is None
+
+
+@pytest.mark.slow
+def test_bench_tta_json_races_both_sides_to_the_target(tiny_imagefolder, tmp_path, capsys):
+    sets = [f"data.train_dir={tiny_imagefolder / 'train'}", f"data.val_dir={tiny_imagefolder / 'val'}",
+            "eval.every=2", "train.max_steps=4"]
+    assert main(["bench", "tta", "--config", str(CONFIGS / "smoke.yaml"), "--target", "knn=0",
+                 "--budget", "600", "--json", "--out", str(tmp_path)]
+                + [a for s in sets for a in ("--set", s)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["target"] == "knn=0" and r["contender_seconds"] > 0 and r["baseline_seconds"] > 0
+    assert r["ratio"] == round(r["baseline_seconds"] / r["contender_seconds"], 2)
+    for side in ("contender", "baseline"):
+        (point,) = r[f"{side}_curve"]  # the target is met at the first monitor: it stops there
+        assert point["step"] == 2 and point["images"] == 32 and point["seconds"] == r[f"{side}_seconds"]
+        assert r[f"{side}_budget_used_s"] > 0
+    assert checkpoint.load(tmp_path / "contender" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_bench_tta_refuses_a_target_it_cannot_race_to(capsys):
+    assert main(["bench", "tta", "--target", "linear=50", "--json"]) == 2
+    assert "races to a kNN top-1" in capsys.readouterr().err

@@ -59,6 +59,21 @@ def first_at(points: list[dict], target: float) -> dict | None:
     return next((p for p in points if p["knn_top1"] >= target), None)
 
 
+def verdict(curves: dict[str, list[dict]], target: float) -> dict:
+    """Each side's time (wall and CPU) and images to the target, None where it never got
+    there; ``ratio`` = baseline / contender (None unless both got there)."""
+    out = {}
+    for name, points in curves.items():
+        hit = first_at(points, target)
+        for key, field in (("seconds", "seconds"), ("cpu_seconds", "cpu_seconds"), ("images", "images")):
+            out[f"{name}_{key}"] = hit[field] if hit else None
+    both = out["contender_seconds"] and out["baseline_seconds"]
+    out["ratio"] = round(out["baseline_seconds"] / out["contender_seconds"], 2) if both else None
+    out["cpu_ratio"] = (round(out["baseline_cpu_seconds"] / out["contender_cpu_seconds"], 2)
+                        if both else None)
+    return out
+
+
 def run_side(cmd: list[str], budget: float, log: Path) -> dict:
     """Run one side to its end or the budget (SIGTERM: the trainer checkpoints and exits 0)."""
     load0, t0 = os.getloadavg()[0], time.perf_counter()
@@ -100,21 +115,15 @@ def race(args, root: Path) -> dict:
     result = {"bench": "tta", "config": args.config, "target": args.target, "budget_s": args.budget,
               "readout": cfg.model.readout, "eval_every": cfg.eval.every, "bank": cfg.eval.bank,
               "query": cfg.eval.query, "cores": os.cpu_count()}
+    curves = {}
     for name, cmd in sides.items():
         print(f"bench tta: training the {name} (log: {root / (name + '.log')})", file=sys.stderr, flush=True)
         info = run_side(cmd, args.budget, root / f"{name}.log")
-        points = curve(root / name)
-        hit = first_at(points, value)
-        result[f"{name}_seconds"] = hit["seconds"] if hit else None
-        result[f"{name}_cpu_seconds"] = hit["cpu_seconds"] if hit else None
-        result[f"{name}_images"] = hit["images"] if hit else None
+        curves[name] = curve(root / name)
         result[f"{name}_budget_used_s"] = info["wall_seconds"]
         result[f"{name}_load_avg_1m"] = [info["load_avg_1m_start"], info["load_avg_1m_end"]]
-        result[f"{name}_curve"] = points
-    both = result["contender_seconds"] and result["baseline_seconds"]
-    result["ratio"] = round(result["baseline_seconds"] / result["contender_seconds"], 2) if both else None
-    result["cpu_ratio"] = (round(result["baseline_cpu_seconds"] / result["contender_cpu_seconds"], 2)
-                           if both else None)
+    result.update(verdict(curves, value))
+    result.update({f"{name}_curve": points for name, points in curves.items()})
     return result
 
 
