@@ -109,7 +109,13 @@ class Monitor:
             self.probe = OnlineProbe(model, len(classes), lr=cfg.eval.probe_lr, device=env.device,
                                      seed=cfg.train.seed)
             if probe_state is not None:
-                self.probe.load_state_dict(probe_state)
+                try:
+                    self.probe.load_state_dict(probe_state)
+                except (RuntimeError, KeyError, ValueError) as e:  # classes or features changed
+                    say(env, f"the checkpoint's online probe does not fit this run "
+                             f"({str(e).strip().splitlines()[0]}): it starts afresh")
+                    self.probe = OnlineProbe(model, len(classes), lr=cfg.eval.probe_lr,
+                                             device=env.device, seed=cfg.train.seed)
         if self.every and not self._knn_data_ok():
             self.every = 0
         self.t0, self.cpu0 = time.perf_counter(), 0.0

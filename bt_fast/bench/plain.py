@@ -49,10 +49,11 @@ def train_plain(cfg, out: Path, budget_s: float) -> int:
     mon.start()
     t0, step, done = time.perf_counter(), 0, False
     while not done:
-        for views, _labels in loader:
+        for views, labels in loader:
             optim.set_lr(opt, step, cfg.optim, global_batch=cfg.data.batch_size,
                          warmup_steps=warmup, total_steps=total)
             loss = baseline_step(model, views, opt)
+            mon.after_step(labels)  # the online probe (when on), as the trainer runs it
             step += 1
             if step % cfg.train.log_every == 0:
                 logger.log({"loss": loss.item()}, step)

@@ -9,7 +9,8 @@ seconds, and reports both times, both curves and ``ratio = baseline / contender`
 A side's time to the target is the wall time of its first monitor at or above the
 target, minus the time spent inside the monitor up to it (``elapsed_s - monitor_s`` of
 its metrics.jsonl): training time, start-up (DALI or DataLoader workers) included, the
-evaluation pauses excluded, for both alike. The online probe is off on both sides.
+evaluation pauses excluded, for both alike (the online probe, when the config has it,
+runs on both sides and counts as monitor time).
 Because the sides run one after the other on shared cores, each point also carries its
 CPU seconds (``cpu_s - monitor_cpu_s``: the process, its threads and its worker
 processes), and the JSON gives the ratio in CPU time too, with the load average seen
@@ -53,6 +54,15 @@ def curve(run_dir: Path) -> list[dict]:
              "cpu_seconds": round(r["cpu_s"] - r["monitor_cpu_s"], 2),
              "knn_top1": round(r["eval_knn_top1"], 2)}
             for r in read_jsonl(path, "eval_knn_top1")]
+
+
+def baselines_of(run_dir: Path) -> dict:
+    """The reference lines (random init, pixels) the side's monitor logged."""
+    from bt_fast.report import read_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    last = read_jsonl(path, "eval_knn_top1")[-1:] if path.is_file() else []
+    return {k: round(v, 2) for r in last for k, v in r.items() if k.startswith("baseline_")}
 
 
 def first_at(points: list[dict], target: float) -> dict | None:
@@ -102,7 +112,7 @@ def race(args, root: Path) -> dict:
     metric, value = config.parse_stop_at(args.target) or (None, None)
     if metric != "knn":
         raise ConfigError(f"--target {args.target!r}: bench tta races to a kNN top-1, e.g. knn=85.0")
-    sets = [*args.set, f"train.stop_at={args.target}", "eval.online_probe=false"]
+    sets = [*args.set, f"train.stop_at={args.target}"]
     cfg = config.load(args.config, sets)
     config.validate(cfg)  # one line and exit 2 here, not in a child process
     flags = [a for s in sets for a in ("--set", s)]
@@ -123,6 +133,7 @@ def race(args, root: Path) -> dict:
         result[f"{name}_budget_used_s"] = info["wall_seconds"]
         result[f"{name}_load_avg_1m"] = [info["load_avg_1m_start"], info["load_avg_1m_end"]]
     result.update(verdict(curves, value))
+    result["baselines"] = baselines_of(root / "contender")
     result.update({f"{name}_curve": points for name, points in curves.items()})
     return result
 
