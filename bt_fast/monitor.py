@@ -264,8 +264,11 @@ class Monitor:
             dims = [Readout(net, r).dim for r in readouts]
         modes = [(m, m.training) for m in self.model.modules()]
         try:
+            # Never re-layout the live model: extract runs in inference mode, where .to()
+            # would swap its parameters for inference tensors that backward refuses.
+            live = net is self.model.backbone
             out = [bank.featurize(module, s, self.cfg, bf16=bank.bf16_default("auto"),
-                                  channels_last=self.cfg.train.channels_last) for s in self.sets]
+                                  channels_last=not live) for s in self.sets]
         finally:
             for m, training in modes:  # the live model goes back to exactly how it was
                 m.training = training

@@ -274,3 +274,26 @@ def test_bench_tta_json_races_both_sides_to_the_target(tiny_imagefolder, tmp_pat
 def test_bench_tta_refuses_a_target_it_cannot_race_to(capsys):
     assert main(["bench", "tta", "--target", "linear=50", "--json"]) == 2
     assert "races to a kNN top-1" in capsys.readouterr().err
+
+
+def test_the_monitor_leaves_an_nchw_live_model_trainable_and_in_its_layout(tiny_imagefolder):
+    """A live model kept NCHW (bench tta's plain loop, whatever train.channels_last says)
+    must come out of a monitor with the same parameters, still trainable."""
+    from types import SimpleNamespace
+
+    from bt_fast import dist, methods
+    from bt_fast.monitor import Monitor
+
+    cfg = config.load(CONFIGS / "smoke.yaml", [f"data.train_dir={tiny_imagefolder / 'train'}",
+                                               f"data.val_dir={tiny_imagefolder / 'val'}", "eval.every=1"])
+    assert cfg.train.channels_last
+    model = methods.build(cfg)  # NCHW, as the plain loop keeps it
+    before = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
+    mon = Monitor(cfg, dist.Env(), model)
+    sink = SimpleNamespace(log_eval=lambda record, step: None)
+    mon.evaluate(SimpleNamespace(step=1, cfg=cfg), sink)
+    assert mon.every == 1  # it worked and stays on
+    assert {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()} == before
+    views = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    model.baseline_loss(model(views)).backward()  # inference tensors would refuse this
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
