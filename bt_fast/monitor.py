@@ -192,7 +192,7 @@ class Monitor:
             recurring = self.seconds - self.baseline_seconds  # the baselines: once per data set
             share = 100.0 * recurring / max(loop_seconds, 1e-9)
             parts.append(f"monitor {recurring:.1f} s = {share:.1f} % of the loop")
-            if self.baseline_seconds:
+            if self.baseline_seconds >= 0.05:  # computed this run, not read from the cache
                 parts.append(f"baselines computed once in {self.baseline_seconds:.1f} s (now cached)")
         if self.reached:
             parts.append(self.reached)
