@@ -86,19 +86,20 @@ def verdict(curves: dict[str, list[dict]], target: float) -> dict:
 
 def run_side(cmd: list[str], budget: float, log: Path) -> dict:
     """Run one side to its end or the budget (SIGTERM: the trainer checkpoints and exits 0)."""
-    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    load0, t0, stopped = os.getloadavg()[0], time.perf_counter(), False
     with safeio.open_append(log) as f:  # never through a link
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
+            stopped = True  # our SIGTERM: the trainer checkpoints and exits 0, the plain loop just ends
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not (stopped and proc.returncode in (-signal.SIGTERM, -signal.SIGKILL)):
         tail = log.read_text()[-1500:]
         raise RuntimeError(f"{cmd[2:4]} exited {proc.returncode}; the end of {log}:\n{tail}")
     return {"wall_seconds": round(time.perf_counter() - t0, 1), "load_avg_1m_start": round(load0, 2),
