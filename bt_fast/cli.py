@@ -14,13 +14,13 @@ import argparse
 import importlib
 import sys
 
-from bt_fast.errors import EXIT_INTERRUPTED, way_out
+from bt_fast.errors import EXIT_INTERRUPTED, EXIT_USER, way_out
 
 COMMANDS = {
-    "train": ("bt_fast.train", "pretrain (Barlow Twins, VICReg, SimCLR, BYOL): bt-fast train --config PATH [--set k=v ...]"),
+    "train": ("bt_fast.train", "pretrain (Barlow Twins, VICReg, SimCLR, BYOL, SwAV, DINO): bt-fast train --config PATH [--set k=v ...]"),
     "eval": ("bt_fast.eval", "evaluate a checkpoint: bt-fast eval {knn,linear,semi} --checkpoint PATH"),
     "data": ("bt_fast.data", "prepare or validate data: bt-fast data {fashion-mnist,synthetic,check}"),
-    "bench": ("bt_fast.bench", "side-by-side benchmarks: bt-fast bench {pipeline,loss,step,comm} [--json]"),
+    "bench": ("bt_fast.bench", "side-by-side benchmarks: bt-fast bench {pipeline,loss,step,comm,tta} [--json]"),
     "tune": ("bt_fast.tune", "probe throughput knobs, write the best as a config overlay"),
     "report": ("bt_fast.report", "plots from a run folder: bt-fast report RUN_DIR"),
     "doctor": ("bt_fast.doctor", "check this node: versions, GPU correctness and speed: bt-fast doctor [--json] [--quick]"),
@@ -28,8 +28,19 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line and exit 2, like every other user error
+    (argparse's own prints the whole usage block first). Sub-parsers (``eval knn``) are
+    made of the same class, so they inherit it."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: usage error: {' '.join(message.split())} (see {self.prog} --help)",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USER)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bt-fast", description="Barlow Twins (and VICReg, SimCLR, BYOL) at hardware speed.")
+    p = OneLineParser(prog="bt-fast", description="Barlow Twins (and VICReg, SimCLR, BYOL, SwAV, DINO) at hardware speed.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -46,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"bt-fast {name}", description=COMMANDS[name][1])
+    parser = OneLineParser(prog=f"bt-fast {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:

@@ -78,3 +78,19 @@ def test_resume_with_another_world_size_is_a_resume_error(tiny_imagefolder, tmp_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "written by 2 rank(s), now 1" in last and "config error" not in last, last
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "knn", "--k", "abc"],  # a value argparse cannot convert
+    ["eval", "nope"],  # an unknown sub-command of a command
+    ["eval", "knn", "--checkpoint", "x", "--bogus"],  # an unknown flag
+    ["bench", "tta", "--target"],  # a flag without its value
+    ["nope"],  # an unknown command
+])
+def test_bad_invocation_is_one_line_and_exit_2(argv, capsys):
+    """argparse's own errors follow the family's contract: one line, exit 2, no usage block."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == errors.EXIT_USER
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bt-fast") and "usage error" in lines[0], lines
