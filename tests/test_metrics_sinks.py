@@ -15,7 +15,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from bt_fast import metrics
+from bt_fast import errors, metrics
 from bt_fast.config import Config
 
 # name as exposed (families drop _total for counters) -> type
@@ -171,7 +171,7 @@ def test_exporter_refuses_a_port_in_use():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(metrics.MetricsPortError) as err:
+        with pytest.raises(errors.MetricsPortError) as err:
             metrics.PrometheusSink(port=port, host="127.0.0.1")
     msg = str(err.value)
     assert f"127.0.0.1:{port}" in msg and "metrics.port" in msg
