@@ -257,9 +257,9 @@ def test_tta_verdict_reports_null_for_a_side_that_never_got_there():
 @pytest.mark.slow
 def test_bench_tta_json_races_both_sides_to_the_target(tiny_imagefolder, tmp_path, capsys):
     sets = [f"data.train_dir={tiny_imagefolder / 'train'}", f"data.val_dir={tiny_imagefolder / 'val'}",
-            "eval.every=2", "train.max_steps=4"]
+            "train.max_steps=4"]
     assert main(["bench", "tta", "--config", str(CONFIGS / "smoke.yaml"), "--target", "knn=0",
-                 "--budget", "600", "--json", "--out", str(tmp_path)]
+                 "--budget", "600", "--every", "2", "--json", "--out", str(tmp_path)]
                 + [a for s in sets for a in ("--set", s)]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["target"] == "knn=0" and r["contender_seconds"] > 0 and r["baseline_seconds"] > 0
@@ -274,6 +274,14 @@ def test_bench_tta_json_races_both_sides_to_the_target(tiny_imagefolder, tmp_pat
 def test_bench_tta_refuses_a_target_it_cannot_race_to(capsys):
     assert main(["bench", "tta", "--target", "linear=50", "--json"]) == 2
     assert "races to a kNN top-1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--budget", "0"), ("--budget", "nan"), ("--budget", "-5"),
+                                        ("--every", "0"), ("--every", "-1")])
+def test_bench_tta_refuses_a_budget_or_monitor_spacing_out_of_range(flag, value, capsys):
+    assert main(["bench", "tta", "--target", "knn=50", flag, value, "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} " in err
 
 
 def test_the_monitor_leaves_an_nchw_live_model_trainable_and_in_its_layout(tiny_imagefolder):

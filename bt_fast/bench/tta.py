@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from bt_fast import safeio
+from bt_fast.pipelines.bounds import Range, flag_problem
 
 
 def add_arguments(parser) -> None:
@@ -36,8 +37,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", required=True, help="knn=TOP1 (kNN top-1 %% at model.readout)")
     parser.add_argument("--budget", type=float, default=900.0,
                         help="wall seconds each side may run, start-up and monitors included (default 900)")
+    parser.add_argument("--every", type=int, default=25, metavar="STEPS",
+                        help="steps between kNN monitors on both sides (default 25): the time to the "
+                             "target is known to this many steps; the monitor's own time is not counted")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override for both sides")
+                        help="config override for both sides (an eval.every here wins over --every)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for both sides' run folders (default: a temporary one, removed)")
 
@@ -106,14 +110,21 @@ def run_side(cmd: list[str], budget: float, log: Path) -> dict:
             "load_avg_1m_end": round(os.getloadavg()[0], 2)}
 
 
+FLAG_RANGES = {"budget": Range(lo=1.0, hi=1e7), "every": Range(lo=1, hi=10**6)}
+
+
 def race(args, root: Path) -> dict:
     from bt_fast import config
-    from bt_fast.errors import ConfigError
+    from bt_fast.errors import ConfigError, UsageError
+
+    problem = flag_problem(args, FLAG_RANGES)
+    if problem:
+        raise UsageError(problem)
 
     metric, value = config.parse_stop_at(args.target) or (None, None)
     if metric != "knn":
         raise ConfigError(f"--target {args.target!r}: bench tta races to a kNN top-1, e.g. knn=85.0")
-    sets = [*args.set, f"train.stop_at={args.target}"]
+    sets = [f"eval.every={args.every}", *args.set, f"train.stop_at={args.target}"]
     cfg = config.load(args.config, sets)
     config.validate(cfg)  # one line and exit 2 here, not in a child process
     flags = [a for s in sets for a in ("--set", s)]
