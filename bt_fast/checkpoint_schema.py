@@ -11,7 +11,7 @@ Two needs (``NEEDS``):
   ``config`` (section -> mapping), ``step`` (int >= 0) when present;
 - ``resume`` (train): the above plus ``optimizer`` (torch's layout), ``scaler``
   (mapping), ``step``, ``rng`` and ``pipeline`` (one entry per rank) and, when present,
-  ``data_entries`` (int64 vector).
+  ``data_entries`` (int64 vector) and ``method_state`` (one mapping per rank: SwAV's queue).
 
 ``problems(ckpt, need)`` lists what is wrong, pure; ``checkpoint.load`` turns the first
 into one CheckpointError line naming the file and the key. Shapes against the model the
@@ -142,6 +142,8 @@ def problems(ckpt, need: str = "weights") -> list[str]:
         for key in ("online_probe", "grad_comm"):  # optional run state of the monitor, PowerSGD
             if ckpt.get(key) is not None and not isinstance(ckpt[key], Mapping):
                 found.append(f"'{key}' is a {type(ckpt[key]).__name__}, not a mapping")
+        if ckpt.get("method_state") is not None:  # per-rank method state (SwAV's queue)
+            found.append(_per_rank(ckpt, "method_state"))
         entries = ckpt.get("data_entries")
         if entries is not None and not (torch.is_tensor(entries) and entries.dtype == torch.int64
                                         and entries.dim() == 1):

@@ -149,6 +149,11 @@ def check_data(cfg: config.Config, world_sizes: list[int]) -> None:
     if bad:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the world "
                           f"size {', '.join(map(str, bad))} (each rank reads batch_size / world size)")
+    queue = cfg.method.swav.queue_length if cfg.method.name == "swav" else 0
+    bad = [w for w in world_sizes if queue % w]
+    if bad:
+        raise ConfigError(f"method.swav.queue_length={queue} is not divisible by the world size "
+                          f"{', '.join(map(str, bad))} (each rank keeps queue_length / world size rows)")
 
 
 def make_loader(cfg: config.Config, env: dist.Env, state: dict | None,
@@ -207,9 +212,13 @@ def setup(cfg: config.Config, inputs=()) -> Run:
                               f"{cfg.method.name!r}; a new train.run_dir starts a new run")
         step, pipeline_state, entries = run_folder.resume(ckpt, last, model, optimizer, scaler, env)
         probe_state = ckpt.get("online_probe")
+        own = dist.rank_state(ckpt, "method_state", last, env) if ckpt.get("method_state") else None
+        misfit = model.load_rank_state(own, env.device)  # SwAV's queue, per rank
         if env.is_main:
             print(f"resuming from {last} at step {step}", file=sys.stderr)
             warn_schedule_changes(ckpt["config"], cfg)
+            if misfit:
+                print(f"warning: {last}: {misfit}", file=sys.stderr)
     loader = make_loader(cfg, env, pipeline_state, entries)
     steps_per_epoch = len(loader)
     total = max(1, round(cfg.optim.epochs * steps_per_epoch))
@@ -255,6 +264,8 @@ def save_checkpoint(run: Run, logger) -> None:
         checkpoint.save_rank_file(local, run.run_dir, "feedback", run.step, run.env.rank)
     pipelines = dist.gather_per_rank(run.loader.state_dict())
     rngs = dist.gather_per_rank(checkpoint.rng_state())
+    own = run.model.rank_state()  # SwAV's queue; None (every rank alike) for the other methods
+    method_state = {"method_state": dist.gather_per_rank(own)} if own is not None else {}
     if run.env.is_main:
         t0 = time.perf_counter()
         # The list's entry hashes (8 bytes per image, computed once) let a resume accept
@@ -264,7 +275,7 @@ def save_checkpoint(run: Run, logger) -> None:
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "step": run.step, "rng": rngs,
             "pipeline": pipelines, "config": config.to_dict(run.cfg), **run.monitor.state(),
-            **({"data_entries": torch.from_numpy(entries())} if entries else {}), **comm,
+            **({"data_entries": torch.from_numpy(entries())} if entries else {}), **comm, **method_state,
         }, run.run_dir)
         logger.log_checkpoint(time.perf_counter() - t0, run.step)
     dist.barrier()

@@ -16,6 +16,11 @@ scores of crop v (cosines of unit embeddings with unit prototypes), V crops:
                                              no gradient
     loss = (1 / n_global) sum_i (1 / (V - 1)) sum_{v != i} mean_n [ -sum_k q_i,nk log softmax(s_v,n / t)_k ]
 
+With the optional queue (main_swav.py, for small batches), global crop i's Sinkhorn runs on
+its batch rows stacked under the scores of each rank's L_local past embeddings of crop i
+against the current prototypes (B = W (L_local + n) samples), and only the batch rows'
+codes enter the loss.
+
 SinkhornKnopp (the paper's appendix, official ``distributed_sinkhorn``) with B = W n:
 Q = exp(s / epsilon) [n, K] divided by its global total, then ``iters`` times: divide
 every prototype column by its global sum and by K, every sample row by its (local) sum
@@ -31,8 +36,9 @@ student outputs x_v (all V crops) and teacher outputs y_i (the global crops), ce
 The centre's moving average (``dino_batch_center`` gives the batch term) is the
 method's run state, updated after the loss as in the official code.
 
-Costs per rank: SwAV O(n_global V n K) flops, sent (1 + iters) K + 2 floats per global
-crop plus one scalar; DINO O(n_teacher V n K), one scalar (plus [K] for the centre).
+Costs per rank: SwAV O(n_global (V n + L_local) K) flops, sent (1 + iters) K + 2 floats
+per global crop plus one scalar (the queue adds no traffic); DINO O(n_teacher V n K), one
+scalar (plus [K] for the centre).
 Everything is computed in fp32 (fp64 for fp64 inputs) whatever a caller's autocast says.
 """
 
@@ -76,11 +82,24 @@ def _cross_entropy(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def swav_loss(scores, *, n_global=2, temperature=0.1, epsilon=0.05, iters=3, group=None):
+def _check_queue(queue_scores, n_global: int, k: int) -> None:
+    if not isinstance(queue_scores, (list, tuple)) or len(queue_scores) != n_global:
+        raise ValueError(f"swav_loss: queue_scores must be a list of {n_global} [L, K] tensors, one per global crop")
+    shapes = {tuple(t.shape) for t in queue_scores}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[1] != k:
+        raise ValueError(f"swav_loss: every queue_scores entry must be the same [L, K={k}]; got {sorted(shapes)}")
+
+
+def swav_loss(scores, *, n_global=2, temperature=0.1, epsilon=0.05, iters=3, group=None, queue_scores=None):
     """SwAV's swapped prediction over per-crop prototype ``scores`` [n_local, K], global crops first.
 
-    Returns the loss of the global batch (fp32, fp64 for fp64 inputs), the same on every
-    rank; each rank's rows get W x its exact gradient (module docstring).
+    ``queue_scores`` (optional): for each global crop i, the scores [L_local, K] of this
+    rank's queue of past embeddings of crop i against the current prototypes (main_swav.py's
+    queue for small batches). They join crop i's rows in Sinkhorn-Knopp (B = W (L_local +
+    n_local) samples to spread over the prototypes), only the batch rows' codes enter the
+    loss, and they get no gradient. Returns the loss of the global batch (fp32, fp64 for
+    fp64 inputs), the same on every rank; each rank's rows get W x its exact gradient
+    (module docstring).
     """
     _check_crops("swav_loss", scores, "scores")
     if not 1 <= n_global <= len(scores) or len(scores) < 2:
@@ -89,12 +108,18 @@ def swav_loss(scores, *, n_global=2, temperature=0.1, epsilon=0.05, iters=3, gro
     if not (temperature > 0 and epsilon > 0 and iters >= 1):
         raise ValueError(f"swav_loss: temperature={temperature}, epsilon={epsilon} must be > 0 and "
                          f"iters={iters} >= 1")
+    if queue_scores is not None:
+        _check_queue(queue_scores, n_global, scores[0].shape[1])
     dtype = torch.promote_types(scores[0].dtype, torch.float32)
+    n = scores[0].shape[0]
     with torch.autocast(scores[0].device.type, enabled=False):
         logits = [s.to(dtype) / temperature for s in scores]  # [n, K] each
         loss = logits[0].new_zeros(())
         for i in range(n_global):
-            q = sinkhorn(scores[i].detach(), epsilon=epsilon, iters=iters, group=group)
+            s = scores[i].detach().to(dtype)
+            if queue_scores is not None:  # [L + n, K]: the queue first, as main_swav.py stacks it
+                s = torch.cat([queue_scores[i].detach().to(dtype), s])
+            q = sinkhorn(s, epsilon=epsilon, iters=iters, group=group)[-n:]  # the batch rows' codes
             loss = loss + sum(_cross_entropy(q, x) for v, x in enumerate(logits) if v != i) / (len(scores) - 1)
         return collectives.rank_mean(loss / n_global, group)
 

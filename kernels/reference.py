@@ -210,14 +210,19 @@ def sinkhorn_reference(scores: torch.Tensor, *, epsilon=0.05, iters=3) -> torch.
     return (q * b).T
 
 
-def swav_loss_reference(scores, *, n_global=2, temperature=0.1, epsilon=0.05, iters=3, group=None):
+def swav_loss_reference(scores, *, n_global=2, temperature=0.1, epsilon=0.05, iters=3, group=None,
+                        queue_scores=None):
     """SwAV's swapped prediction on the global batch (all crops gathered), codes from
-    ``sinkhorn_reference``; W x gradient (see above)."""
+    ``sinkhorn_reference``; with ``queue_scores``, global crop i's codes are the last N rows of
+    Sinkhorn-Knopp on every rank's queue rows stacked over the batch; W x gradient (see above)."""
     dtype = torch.promote_types(scores[0].dtype, torch.float32)
     s = [collectives.gather_rows(x, group).to(dtype) for x in scores]  # [N, K] each
     loss = 0
     for i in range(n_global):
-        q = sinkhorn_reference(s[i], epsilon=epsilon, iters=iters)
+        target = s[i]
+        if queue_scores is not None:  # [W L + N, K]
+            target = torch.cat([collectives.gather_rows(queue_scores[i].detach(), group).to(dtype), target])
+        q = sinkhorn_reference(target, epsilon=epsilon, iters=iters)[-len(s[i]):]
         sub = [-(q * F.log_softmax(x / temperature, dim=1)).sum(dim=1).mean() for v, x in enumerate(s) if v != i]
         loss = loss + sum(sub) / (len(s) - 1)
     return _w_times_gradient(loss / n_global, group)

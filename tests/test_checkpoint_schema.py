@@ -64,6 +64,7 @@ def test_the_trainers_own_checkpoint_passes_both_needs():
     (lambda c: c["rng"][0].update(torch=torch.zeros(3)), "resume", "'rng[0]'.torch must be a uint8 vector"),
     (lambda c: c["optimizer"]["param_groups"][0].update(lr="fast"), "resume", "lr' is a str, not a number"),
     (lambda c: c.update(pipeline={"dali": ""}), "resume", "one entry per rank"),
+    (lambda c: c.update(method_state=["queue"]), "resume", "'method_state[0]' is a str, not a mapping"),
 ])
 def test_older_foreign_and_doctored_layouts_are_one_line(tmp_path, doctor, need, needle):
     ckpt = copy.deepcopy(GOOD)

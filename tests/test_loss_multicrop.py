@@ -35,12 +35,15 @@ def log_softmax64(row):
     return row - (m + (row - m).exp().sum().log())
 
 
-def swav64(scores, n_global, t, epsilon, iters):
-    """(1/n_global) sum_i (1/(V-1)) sum_{v != i} mean_n -sum_k q_i,nk log softmax(s_v,n / t)_k."""
+def swav64(scores, n_global, t, epsilon, iters, queue=None):
+    """(1/n_global) sum_i (1/(V-1)) sum_{v != i} mean_n -sum_k q_i,nk log softmax(s_v,n / t)_k;
+    with a ``queue`` (one [L, K] per global crop), q_i is the batch's rows of the codes of
+    the queue's rows and the batch's together."""
     s = [x.double() for x in scores]
     total = 0
     for i in range(n_global):
-        q = sinkhorn64(s[i], epsilon, iters)
+        rows = s[i] if queue is None else torch.cat([queue[i].detach().double(), s[i]])
+        q = sinkhorn64(rows, epsilon, iters)[len(rows) - len(s[i]):]
         sub = 0
         for v in range(len(s)):
             if v != i:
@@ -119,6 +122,28 @@ def test_swav_matches_float64_formula(fn, dtype, crops, n_global):
         assert g.dtype == dtype and _rel(g, w) <= grad_tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("fn", [swav_loss, swav_loss_reference])
+def test_swav_with_a_queue_matches_float64_formula(fn, dtype):
+    """The queue's rows join each global crop's Sinkhorn-Knopp; only the batch's codes are
+    targets, and the queue gets no gradient. L = 13 rows against a batch of 9."""
+    scores = [s.to(dtype).double() for s in unit_scores(9, 5, 4)]
+    queue = [s.to(dtype).double() for s in unit_scores(13, 5, 2, seed=7)]
+    kw = dict(n_global=2, temperature=0.2, epsilon=0.05, iters=3)
+    want, wants = _run(lambda xs: swav64(xs[:4], 2, 0.2, 0.05, 3, queue=xs[4:]), scores + queue, torch.float64)
+    loss, grads = _run(lambda xs: fn(xs[:4], queue_scores=xs[4:], **kw), scores + queue, dtype)
+    loss_tol, grad_tol = TOL[dtype]
+    assert abs(loss.double() - want).item() <= loss_tol * want.item()
+    for g, w in zip(grads[:4], wants[:4]):
+        assert g.dtype == dtype and _rel(g, w) <= grad_tol
+    assert grads[4] is None and grads[5] is None  # codes carry no gradient, the queue's least of all
+    # the queue changes the codes; an empty one changes nothing
+    plain = swav_loss([x.to(dtype) for x in scores], **kw)
+    assert abs(loss.item() - plain.item()) > 1e-3
+    empty = [torch.zeros(0, 5, dtype=dtype)] * 2
+    assert torch.equal(swav_loss([x.to(dtype) for x in scores], queue_scores=empty, **kw), plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fn", [dino_loss, dino_loss_reference])
 def test_dino_matches_float64_formula_and_stops_the_teacher_gradient(fn, dtype):
@@ -173,6 +198,10 @@ def test_bad_input_is_named():
         swav_loss(s, temperature=0)
     with pytest.raises(ValueError, match="list"):
         swav_loss(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="queue_scores must be a list of 2"):
+        swav_loss(s, queue_scores=[torch.randn(6, 5)])
+    with pytest.raises(ValueError, match=r"\[L, K=5\]"):
+        swav_loss(s, queue_scores=[torch.randn(6, 5), torch.randn(6, 4)])
     with pytest.raises(ValueError, match="center"):
         dino_loss(s, s[:2], torch.zeros(4))
     with pytest.raises(ValueError, match="teacher"):

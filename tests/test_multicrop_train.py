@@ -1,6 +1,6 @@
 """SwAV and DINO through the trainer with 4 crops of 2 sizes (configs/smoke.yaml's sections):
-a run killed with SIGKILL resumes bit-exactly, the saved config lists the views used,
-and the crops reach the backbone grouped by size."""
+a run killed with SIGKILL resumes bit-exactly (SwAV also with its queue), the saved config
+lists the views used, and the crops reach the backbone grouped by size."""
 
 import json
 import os
@@ -33,19 +33,25 @@ def _logged_step(run_dir) -> int:
     return steps[-1] if steps else 0
 
 
-@pytest.mark.parametrize("method", ["swav", "dino"])
-def test_kill_9_then_resume_is_bit_exact(tiny_imagefolder, tmp_path, method):
+# SwAV's queue: 2 batches of 16 per global crop, filled by the steps from index 1 on, in the
+# codes from step 3: a checkpoint at step 2 holds it half full, at 4 or 6 full.
+QUEUE = ("method.swav.queue_length=32", "method.swav.queue_start_steps=1")
+
+
+@pytest.mark.parametrize("method,extra", [("swav", ()), ("dino", ()), ("swav", QUEUE)],
+                         ids=["swav", "dino", "swav-queue"])
+def test_kill_9_then_resume_is_bit_exact(tiny_imagefolder, tmp_path, method, extra):
     """8 steps straight == a run SIGKILLed after its step-2 checkpoint, then resumed to 8.
 
     Both runs share the schedule (smoke.yaml: 10 epochs of 4 steps); only max_steps differs.
-    DINO's teacher, centre and warmed-up temperature and SwAV's frozen-then-free prototypes
-    must all come back from the checkpoint exactly."""
+    DINO's teacher, centre and warmed-up temperature, SwAV's frozen-then-free prototypes
+    and its queue must all come back from the checkpoint exactly."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_cmd(tiny_imagefolder, straight, method, "train.max_steps=8"), check=True, cwd=REPO,
+    subprocess.run(_cmd(tiny_imagefolder, straight, method, "train.max_steps=8", *extra), check=True, cwd=REPO,
                    env=env, capture_output=True)
-    victim = subprocess.Popen(_cmd(tiny_imagefolder, killed, method, "train.max_steps=40"), cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(_cmd(tiny_imagefolder, killed, method, "train.max_steps=40", *extra), cwd=REPO,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while _logged_step(killed) < 3 and time.monotonic() < deadline and victim.poll() is None:
         time.sleep(0.02)
@@ -53,14 +59,20 @@ def test_kill_9_then_resume_is_bit_exact(tiny_imagefolder, tmp_path, method):
     victim.wait()
     at = checkpoint.load(killed / "checkpoints" / "last.pt")["step"]
     assert 2 <= at < 8, at  # killed between a checkpoint and the end
-    subprocess.run(_cmd(tiny_imagefolder, killed, method, "train.max_steps=8"), check=True, cwd=REPO, env=env,
-                   capture_output=True)
+    subprocess.run(_cmd(tiny_imagefolder, killed, method, "train.max_steps=8", *extra), check=True, cwd=REPO,
+                   env=env, capture_output=True)
     a = checkpoint.load(straight / "checkpoints" / "last.pt")
     b = checkpoint.load(killed / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 8
     assert list(a["model"]) == list(b["model"])
     for key, value in a["model"].items():  # weights, BN statistics, teacher, centre, prototypes
         assert torch.equal(value, b["model"][key]), key
+    if extra:  # the queue: per rank, full, the same in both runs
+        (qa,), (qb,) = a["method_state"], b["method_state"]
+        assert int(qa["rows"]) == 32 and qa["queue"].shape == (2, 32, 32) and qa["queue"].abs().sum() > 0
+        assert torch.equal(qa["queue"], qb["queue"]) and torch.equal(qa["rows"], qb["rows"])
+    else:
+        assert "method_state" not in a
     other = {"swav": "dino", "dino": "swav"}[method]  # resuming it as the other method: one line, exit 2
     out = subprocess.run(_cmd(tiny_imagefolder, killed, other, "train.max_steps=9"), cwd=REPO, env=env,
                          capture_output=True, text=True)

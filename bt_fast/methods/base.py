@@ -13,7 +13,10 @@ what evaluation and export load) and its heads, and provides
   DINO's moving-average targets, SwAV's prototype normalisation;
 - ``start_step(step, steps_per_epoch)`` before forward and ``drop_frozen_grads()``
   after backward: host-side schedules of the multi-crop methods (DINO's teacher
-  temperature; SwAV's prototypes and DINO's last layer frozen early on), no-ops otherwise.
+  temperature; SwAV's prototypes and DINO's last layer frozen early on), no-ops otherwise;
+- ``rank_state()`` / ``load_rank_state(state, device)``: run state that differs per rank
+  and so stays out of the (replicated) state dict: SwAV's queue. Checkpoints store one
+  entry per rank; None (the default) means none.
 
 Views: a method takes either exactly ``n_views`` views (the two-view methods), or, with
 ``n_views = None``, ``n_global`` global crops of one size first and any number of
@@ -123,6 +126,15 @@ class Method(nn.Module):
         """Called after backward: set the gradients of parameters frozen at this step to
         None, so that LARS skips them entirely (no weight decay, no momentum), as the
         official codes do."""
+
+    def rank_state(self) -> dict | None:
+        """This rank's own run state for the checkpoint (CPU tensors); None: the method has none."""
+        return None
+
+    def load_rank_state(self, state: dict | None, device) -> str | None:
+        """Restore ``rank_state``'s dict (None when the checkpoint has none); a warning line
+        where it does not fit this config (the state then starts afresh), else None."""
+        return None
 
     def baseline_loss(self, outputs) -> torch.Tensor:
         """The loss as the method's official code computes it (``bench step``'s baseline)."""
