@@ -134,6 +134,22 @@ def _step_foreach(params, mus, g, finite) -> None:
         torch._foreach_sub_(params, torch._foreach_mul(mus, f * g["lr"]))
 
 
+def clip_per_parameter(grads: list[torch.Tensor], clip: float) -> None:
+    """DINO's gradient clipping (facebookresearch/dino utils.py ``clip_gradients``): every
+    gradient on its own, g <- g * min(1, clip / (||g||_2 + 1e-6)); not one global norm.
+
+    In place, on the device (no sync): one multi-tensor norm and one multi-tensor multiply.
+    A gradient under the threshold is multiplied by exactly 1 (bit-identical). Under LARS
+    the trust ratio rescales each adapted weight's step anyway, so the clip there only
+    shifts the balance against weight decay; it acts fully on biases and BN parameters.
+    """
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))  # [n_params] fp32 for fp32 gradients
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weights (ndim > 1) in group 0, biases and BN (ndim == 1) in group 1, excluded.
 

@@ -111,6 +111,8 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
     # skips steps whose scaled gradients overflow (and lowers its scale: expected, not an
     # error), so only the loss counts there.
     finite = torch.isfinite(loss) if run.scaler.is_enabled() else all_finite(loss, run.optimizer)
+    if run.model.clip_grad:
+        clip_gradients(run)  # after the finite test: a clip must not hide an overflow
     run.scaler.step(run.optimizer, finite=finite)
     applied = finite
     if run.scaler.is_enabled():
@@ -126,6 +128,17 @@ def train_step(run: Run, views: list[torch.Tensor], timer: metrics.StepTimer) ->
     timer.mark("optimizer")
     return {"loss": loss.detach(), "terms": {k: v.detach() for k, v in terms.items()},
             "nonfinite": (~finite).int()}
+
+
+def clip_gradients(run: Run) -> None:
+    """The method's per-parameter clipping (DINO's ``clip_grad``) of the gradients LARS
+    will apply: under fp16 the scaler unscales them first (as main_dino.py does), so the
+    threshold is in true units; its step then sees they are unscaled and records any inf
+    it found (the step is skipped as before)."""
+    if run.scaler.is_enabled():
+        run.scaler.unscale_(run.optimizer)
+    grads = [p.grad for g in run.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    optim.clip_per_parameter(grads, run.model.clip_grad)
 
 
 def all_finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:

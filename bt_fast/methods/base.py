@@ -66,6 +66,9 @@ class Method(nn.Module):
     """Loss-term name -> plot label (paper notation), in the order ``loss`` returns them."""
     crosscorr: bool = False
     """``bt-fast report`` draws the two views' cross-correlation heatmap (what the loss is about)."""
+    clip_grad: float = 0.0
+    """Per-parameter gradient-norm clip the trainer applies before the step (DINO's
+    ``clip_grad``, bt_fast.optim.clip_per_parameter); 0: none."""
 
     def __init__(self, model_cfg, cfg=None):
         super().__init__()

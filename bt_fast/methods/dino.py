@@ -14,10 +14,13 @@ weight-normalised Linear (no bias) to K outputs whose norm g is fixed at 1 when
 ``norm_last_layer``. The last layer runs in fp32 (its outputs are cosines that the
 teacher divides by 0.04). Teacher temperature: linear from ``warmup_teacher_temp`` to
 ``teacher_temp`` over ``warmup_teacher_temp_epochs``; the last layer gets no update in
-the first ``freeze_last_layer_epochs``. The teacher (``teacher.``) and the centre are
-run state: in the state dict, restored on resume, untouched by a skipped step (the
-trainer's buffer guard and the ``applied`` gate below). Defaults: main_dino.py and
-its README's ResNet-50 command (views: the ``dino`` preset).
+the first ``freeze_last_layer_epochs``. Every student gradient is clipped to norm
+``clip_grad`` on its own before the step (main_dino.py ``clip_gradients``; the trainer
+does it, after its finite test and, under fp16, on unscaled gradients). The teacher
+(``teacher.``) and the centre are run state: in the state dict, restored on resume,
+untouched by a skipped step (the trainer's buffer guard and the ``applied`` gate
+below). Defaults: main_dino.py and its README's ResNet-50 command (views: the ``dino``
+preset).
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class DINOConfig:
     """Moving-average rate of the teacher-output centre."""
     freeze_last_layer_epochs: float = bounded(1.0, ge=0)
     """The last layer gets no update for this many first epochs."""
+    clip_grad: float = bounded(3.0, ge=0)
+    """Clip each parameter's gradient norm to this separately (main_dino.py ``clip_grad``,
+    default 3.0), on the unscaled gradients, before the step; 0: no clipping."""
     views: List[ViewSpec] = field(default_factory=list)
     """The crops DINO trains with when it is ``method.name`` (global first); empty = the
     config's ``views`` (or the ``dino`` preset)."""
@@ -111,6 +117,7 @@ class DINO(Method):
         self.teacher.requires_grad_(False)
         self.register_buffer("center", torch.zeros(cfg.out_dim))
         self.teacher_temp, self.frozen = cfg.warmup_teacher_temp, True
+        self.clip_grad = cfg.clip_grad  # the trainer clips (bt_fast.train.clip_gradients)
 
     def forward(self, views):
         student = list(self.head(self.encode(views)).chunk(len(views)))  # V x [B, K]
