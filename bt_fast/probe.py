@@ -8,12 +8,18 @@ decay), outside LARS and outside the model that DDP wraps and checkpoints store 
 ``model``. The SSL step's gradients are therefore bit-identical with the probe on or off
 (tests/test_monitor.py pins it).
 
+Multi-crop methods (SwAV, DINO: ``n_views`` None) train it on the GLOBAL crops only, the
+first ``n_global`` views: the local crops (e.g. 96 px of a 224 image, 5-14 % of its area)
+are not what the linear evaluation sees, and would be three quarters of its rows. The
+backbone's outputs arrive in view order (``Method.encode`` runs one pass per run of
+same-size views), so the global crops are the first n_global x B rows.
+
 Under DDP each rank's probe sees its shard; its two small gradients (feature_dim x C + C
 floats: 2 M for ResNet-50 on ImageNet, 8 MB a step) are averaged with one all-reduce, so
 every rank holds the same probe, as DDP would keep it. Train top-1 counts stay on the
 device and are summed across ranks at log steps only (the trainer's one sync point).
-Cost per step: one [V*B, D] x [D, C] matmul forward and backward (negligible next to the
-backbone).
+Cost per step: one [V*B, D] x [D, C] matmul forward and backward (V: the views it trains
+on; negligible next to the backbone).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class OnlineProbe:
             self.linear.bias.zero_()
         self.opt = torch.optim.SGD(self.linear.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
         self.backbone = model.backbone
+        # views it trains on: multi-crop methods' global crops, else every view (None)
+        self.views = model.n_global if getattr(model, "n_views", 2) is None else None
         self.feats: list[torch.Tensor] = []
         self.handle = None
         self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # [correct, seen]
@@ -66,7 +74,9 @@ class OnlineProbe:
         feats = [f for f in feats if len(f) and len(f) % b == 0]  # views of this batch, stacked or not
         if not feats:
             return
-        x = torch.cat([f.float() for f in feats])  # [V*B, D] fp32
+        x = torch.cat([f.float() for f in feats])  # [V*B, D] fp32, view-major
+        if self.views is not None:
+            x = x[: self.views * b]  # the global crops only (module docstring)
         y = labels.to(x.device, torch.long).repeat(len(x) // b)  # view-major, like x
         y = torch.where((y >= 0) & (y < self.num_classes), y, torch.full_like(y, IGNORE))
         logits = self.linear(x)  # [V*B, C]

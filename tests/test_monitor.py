@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from bt_fast import checkpoint, config, metrics
+from bt_fast import checkpoint, config, methods, metrics
 from bt_fast.bench.step import contender
 from bt_fast.cli import main
 from bt_fast.probe import OnlineProbe
@@ -79,6 +79,30 @@ def test_probe_ignores_labels_it_cannot_score():
     run.model(views)
     probe.step(torch.tensor([9, 9, 9, 9]))  # none valid: no NaN either
     assert torch.isfinite(probe.linear.weight).all()
+
+
+@pytest.mark.parametrize("sizes", [(32, 32, 16, 16, 16), (32, 32, 32, 32)], ids=["2x32+3x16", "4x32"])
+@pytest.mark.parametrize("name", ["swav", "dino"])
+def test_probe_of_a_multicrop_method_trains_on_the_global_crops_only(name, sizes):
+    """Its input rows are the n_global x B global crops' features, in view order, also
+    when local crops share the global size (one backbone pass for all of them)."""
+    cfg = config.load(CONFIGS / "smoke.yaml", [f"method.name={name}"])
+    torch.manual_seed(0)
+    model = methods.build(cfg)  # training mode, as in a step
+    probe = OnlineProbe(model, 3, lr=0.1, device=torch.device("cpu"))
+    probe.attach()
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(4, 3, s, s, generator=g) for s in sizes]
+    rows = []
+    probe.linear.register_forward_hook(lambda m, args, out: rows.append(args[0].detach()))
+    model(views)
+    probe.step(torch.tensor([0, 1, 2, 0]))
+    (x,) = rows
+    with torch.no_grad():
+        want = model.encode(views)[: 2 * 4]  # train-mode BN: the same batches give the same features
+    assert x.shape == (2 * 4, model.feature_dim)
+    torch.testing.assert_close(x, want)
+    assert probe.counts[1].item() == 2 * 4
 
 
 @pytest.mark.slow
