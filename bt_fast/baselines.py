@@ -49,22 +49,42 @@ def key(cfg, readouts: list[str]) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def compute(mon) -> dict:
-    """{baseline_knn_top1_random_init[_<readout>], baseline_knn_top1_pixels} for ``mon``'s
-    bank and query (every rank featurises its shard; the result is the same everywhere)."""
-    cfg, readouts = mon.cfg, mon.readouts
+class Failed(Exception):
+    """The baselines could not be computed on some rank (raised on every rank alike)."""
+
+
+def local_features(mon) -> dict:
+    """This rank's shards of the bank and query at random init (every readout) and, where
+    small enough, as raw pixels: {readout or "pixels": [bank_x, bank_y, query_x, query_y]}."""
+    cfg = mon.cfg
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net, _ = build_backbone(cfg.model)
-    net = net.to(mon.env.device)
-    out = {}
-    feats = mon.gather(mon.features(net, readouts))
-    for i, readout in enumerate(readouts):
-        suffix = "" if i == 0 else f"_{readout}"
-        out[f"baseline_knn_top1_random_init{suffix}"] = bank.knn_top1(*feats[readout])
+    out = mon.features(net.to(mon.env.device), mon.readouts)
     dim = len(cfg.views[0].mean) * cfg.data.image_size ** 2
     if dim <= PIXELS_MAX_DIM:
-        feats = mon.gather(mon.features(Pixels(), ["pixels"], flat_dim=dim))
+        out.update(mon.features(Pixels(), ["pixels"], flat_dim=dim))
+    return out
+
+
+def compute(mon) -> dict:
+    """{baseline_knn_top1_random_init[_<readout>], baseline_knn_top1_pixels} for ``mon``'s
+    bank and query (every rank featurises its shard; the result is the same everywhere)."""
+    local, why = mon.all_ok(lambda: local_features(mon))
+    if why is not None:
+        raise Failed(f"baselines: {why}")
+    out, why = mon.all_ok(lambda: _score(mon, mon.gather(local)))
+    if why is not None:
+        raise Failed(f"baselines: {why}")
+    return out
+
+
+def _score(mon, feats: dict) -> dict:
+    out = {}
+    for i, readout in enumerate(mon.readouts):
+        suffix = "" if i == 0 else f"_{readout}"
+        out[f"baseline_knn_top1_random_init{suffix}"] = bank.knn_top1(*feats[readout])
+    if "pixels" in feats:
         out["baseline_knn_top1_pixels"] = bank.knn_top1(*feats["pixels"])
     return out
 

@@ -202,27 +202,29 @@ class Monitor:
 
     def _measure(self, step: int, global_batch: int) -> dict | None:
         """Featurise on every rank (errors agreed on by all), gather, score."""
-        error = None
-        try:
-            if self.sets is None:
-                self.sets = self._load_sets()
-            local = self.features(self.model.backbone, self.readouts)
-            if self.baseline is None:
-                t = time.perf_counter()
+        local, why = self.all_ok(self._live_features)
+        if why is None and self.baseline is None:
+            t = time.perf_counter()
+            try:  # raises on every rank or on none: its collectives follow an agreement
                 self.baseline = baselines.get(self)
-                self.baseline_seconds = time.perf_counter() - t  # the summary says it apart
-        except Exception as e:  # noqa: BLE001 - isolation is the point: the run goes on
-            error = f"{type(e).__name__}: {e}".splitlines()[0]
-        if not self.agree(error is None):
-            why = error or "it failed on another rank"
+            except baselines.Failed as e:
+                why = str(e)
+            self.baseline_seconds = time.perf_counter() - t  # the summary says it apart
+        if why is None:
+            feats = self.gather(local)
+            record, why = self.all_ok(lambda: self._score(feats, step * global_batch))
+        if why is not None:
             print(f"monitor: rank {self.env.rank}: kNN monitor failed at step {step} ({why}); "
                   "it is off for the rest of this run, training goes on", file=sys.stderr, flush=True)
             self.every = 0
             return None
-        feats = self.gather(local)
+        return record
+
+    def _score(self, feats: dict, images_seen: int) -> dict:
+        """The record of one monitor from the gathered features (the same on every rank)."""
         if self.env.device.type == "cuda":  # the [Q, N] similarity search: on the GPU there is one
             feats = {r: tuple(t.to(self.env.device) for t in v) for r, v in feats.items()}
-        record = {"images_seen": step * global_batch}
+        record = {"images_seen": images_seen}
         for i, readout in enumerate(self.readouts):
             key = "eval_knn_top1" if i == 0 else f"eval_knn_top1_{readout}"
             record[key] = bank.knn_top1(*feats[readout])
@@ -239,6 +241,24 @@ class Monitor:
         flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=self.env.device)
         torch.distributed.all_reduce(flag)
         return int(flag.item()) == 0
+
+    def all_ok(self, work):
+        """``work()`` on this rank, then one agreement: (its value, None) where it worked on
+        every rank, else (None, why). Collectives only ever follow such an agreement, so a
+        failure on one rank never leaves another waiting in a gather."""
+        value, error = None, None
+        try:
+            value = work()
+        except Exception as e:  # noqa: BLE001 - isolation is the point: the run goes on
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+        if self.agree(error is None):
+            return value, None
+        return None, error or "it failed on another rank"
+
+    def _live_features(self) -> dict:
+        if self.sets is None:
+            self.sets = self._load_sets()  # decoded once, at the first monitor
+        return self.features(self.model.backbone, self.readouts)
 
     def _load_sets(self):
         """This rank's shards of the seeded bank and query subsets, decoded once."""
