@@ -199,6 +199,8 @@ def parse_stop_at(spec: str) -> tuple[str, float] | None:
         target = None
     if metric.strip() not in ("knn", "linear") or target is None:
         raise ValueError(f"stop_at={spec!r}: expected knn=TOP1 or linear=TOP1, e.g. knn=85.0")
+    if not 0.0 <= target <= 100.0:  # also NaN: a top-1 % outside [0, 100] is never reached
+        raise ValueError(f"stop_at={spec!r}: the target is a top-1 %, in [0, 100]")
     return metric.strip(), target
 
 

@@ -12,6 +12,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bt_fast import checkpoint, config, methods, metrics
 from bt_fast.bench.step import contender
@@ -249,11 +251,24 @@ def test_stop_at_ends_the_run_cleanly_at_the_target(tiny_imagefolder, tmp_path, 
 
 @pytest.mark.parametrize("value, message", [
     ("knn", "expected knn=TOP1 or linear=TOP1"), ("acc=3", "expected knn=TOP1"),
-    ("knn=high", "expected knn=TOP1")])
+    ("knn=high", "expected knn=TOP1"), ("knn=101", "in [0, 100]"), ("linear=-3", "in [0, 100]"),
+    ("knn=nan", "in [0, 100]"), ("knn=inf", "in [0, 100]")])
 def test_bad_stop_at_is_one_line_and_exit_2(tiny_imagefolder, tmp_path, capsys, value, message):
     assert main(smoke(tiny_imagefolder, tmp_path, f"train.stop_at={value}")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "train.stop_at" in err
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["knn", "linear"]))
+def test_stop_at_accepts_exactly_the_reachable_top1_targets(value, metric):
+    """Any float: a target in [0, 100] parses to itself, anything else (NaN, inf, out of
+    range) is refused with the reason, never accepted to be waited for forever."""
+    spec = f"{metric}={value!r}"
+    if 0.0 <= value <= 100.0:
+        assert config.parse_stop_at(spec) == (metric, value)
+    else:
+        with pytest.raises(ValueError, match=r"in \[0, 100\]"):
+            config.parse_stop_at(spec)
 
 
 def test_stop_at_without_the_monitor_is_refused(tiny_imagefolder, tmp_path, capsys):
@@ -301,9 +316,10 @@ def test_bench_tta_refuses_a_target_it_cannot_race_to(capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--budget", "0"), ("--budget", "nan"), ("--budget", "-5"),
-                                        ("--every", "0"), ("--every", "-1")])
+                                        ("--every", "0"), ("--every", "-1"), ("--target", "knn=101"),
+                                        ("--target", "knn=abc"), ("--target", "knn=nan")])
 def test_bench_tta_refuses_a_budget_or_monitor_spacing_out_of_range(flag, value, capsys):
-    assert main(["bench", "tta", "--target", "knn=50", flag, value, "--json"]) == 2
+    assert main(["bench", "tta", "--target", "knn=50", flag, value, "--json"]) == 2  # the last --target wins
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{flag} " in err
 

@@ -121,7 +121,10 @@ def race(args, root: Path) -> dict:
     if problem:
         raise UsageError(problem)
 
-    metric, value = config.parse_stop_at(args.target) or (None, None)
+    try:
+        metric, value = config.parse_stop_at(args.target) or (None, None)
+    except ValueError as e:
+        raise UsageError(f"--target {args.target}: {str(e).split(': ', 1)[-1]}") from None
     if metric != "knn":
         raise ConfigError(f"--target {args.target!r}: bench tta races to a kNN top-1, e.g. knn=85.0")
     sets = [f"eval.every={args.every}", *args.set, f"train.stop_at={args.target}"]
