@@ -62,3 +62,15 @@ def free_port() -> int:
     from bt_fast.procs import free_port as pick
 
     return pick()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny steps: one torch thread is ~100x faster than two fighting over a shared
+    machine's cores. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,12 +14,7 @@ from conftest import CONFIGS
 SCALE = 2.0 ** 4  # fp16 loss scale of the test: larger ones overflow this tiny net's fp16 backward on CPU
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clipped64(g: torch.Tensor, clip: float) -> torch.Tensor:

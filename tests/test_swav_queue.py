@@ -13,13 +13,7 @@ from test_methods import tiny, views
 B = 4  # batch; the queue below holds 3 steps' worth (L = 12) of each global crop
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny steps: one thread is ~100x faster than two fighting over a shared machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _queue_model(*extra):
