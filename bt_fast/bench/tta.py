@@ -1,4 +1,4 @@
-"""``bt-fast bench tta --config C --target knn=X [--budget S] [--json]``: time to accuracy.
+"""``bt-fast bench tta --config C --target knn=X [--budget S] [--every N] [--json]``: time to accuracy.
 
 Trains bt_fast (``bt-fast train``) and the plain-PyTorch baseline (bt_fast/bench/plain.py:
 torchvision transforms in a DataLoader, NCHW fp32, the official dense loss) with the
