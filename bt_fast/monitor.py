@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bt_fast import baselines, dist, metrics
-from bt_fast.config import parse_readout, parse_stop_at
+from bt_fast.specs import parse_readout, parse_stop_at
 from bt_fast.eval import bank
 from bt_fast.eval.readout import Readout
 from bt_fast.eval.splits import check_splits

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bt_fast import checkpoint, config, methods, metrics
+from bt_fast import checkpoint, config, methods, metrics, specs
 from bt_fast.bench.step import contender
 from bt_fast.cli import main
 from bt_fast.probe import OnlineProbe
@@ -265,10 +265,10 @@ def test_stop_at_accepts_exactly_the_reachable_top1_targets(value, metric):
     range) is refused with the reason, never accepted to be waited for forever."""
     spec = f"{metric}={value!r}"
     if 0.0 <= value <= 100.0:
-        assert config.parse_stop_at(spec) == (metric, value)
+        assert specs.parse_stop_at(spec) == (metric, value)
     else:
         with pytest.raises(ValueError, match=r"in \[0, 100\]"):
-            config.parse_stop_at(spec)
+            specs.parse_stop_at(spec)
 
 
 def test_stop_at_without_the_monitor_is_refused(tiny_imagefolder, tmp_path, capsys):

@@ -114,7 +114,7 @@ FLAG_RANGES = {"budget": Range(lo=1.0, hi=1e7), "every": Range(lo=1, hi=10**6)}
 
 
 def race(args, root: Path) -> dict:
-    from bt_fast import config
+    from bt_fast import config, specs
     from bt_fast.errors import ConfigError, UsageError
 
     problem = flag_problem(args, FLAG_RANGES)
@@ -122,7 +122,7 @@ def race(args, root: Path) -> dict:
         raise UsageError(problem)
 
     try:
-        metric, value = config.parse_stop_at(args.target) or (None, None)
+        metric, value = specs.parse_stop_at(args.target) or (None, None)
     except ValueError as e:
         raise UsageError(f"--target {args.target}: {str(e).split(': ', 1)[-1]}") from None
     if metric != "knn":

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bt_fast.config import parse_readout
+from bt_fast.specs import parse_readout
 from bt_fast.errors import EvalError
 
 
