@@ -4,12 +4,14 @@
 bt_fast.runlock), checks it is writable and removes dead writers' temp files, and
 every rank learns the outcome. ``resume``: a checkpoint whose layout
 ``bt_fast.checkpoint_schema`` passed is loaded into this config's model, optimizer,
-scaler and RNG, or refused in one line naming the part that does not fit.
+scaler and RNG, or refused in one line naming the part that does not fit; ``resume_run``
+adds the trainer's checks (same method, this rank's method state, changed schedule).
 ``save_config``: RUN_DIR/config.yaml through the write gate, never over an input.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from bt_fast import checkpoint, config, dist, errors, runlock
@@ -40,6 +42,37 @@ def resume(ckpt: dict, last: Path, model, optimizer, scaler, env: dist.Env) -> t
     except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # sizes/values the schema cannot see
         raise ResumeError(f"{last}: its RNG state does not load ({type(e).__name__}: {e})") from None
     return ckpt["step"], dist.rank_state(ckpt, "pipeline", last, env), ckpt.get("data_entries")
+
+
+def resume_run(ckpt: dict, last: Path, cfg: config.Config, model, optimizer, scaler,
+               env: dist.Env) -> tuple:
+    """``resume`` for the trainer: also refuses another method's checkpoint, loads this
+    rank's method state (SwAV's queue) and says what it resumed and what changed."""
+    trained = ckpt.get("config", {}).get("method", {}).get("name", cfg.method.name)
+    if trained != cfg.method.name:
+        raise ResumeError(f"{last}: trained with method.name={trained!r}, this config says "
+                          f"{cfg.method.name!r}; a new train.run_dir starts a new run")
+    out = resume(ckpt, last, model, optimizer, scaler, env)
+    own = dist.rank_state(ckpt, "method_state", last, env) if ckpt.get("method_state") else None
+    misfit = model.load_rank_state(own, env.device)
+    if env.is_main:
+        print(f"resuming from {last} at step {out[0]}", file=sys.stderr)
+        warn_schedule_changes(ckpt["config"], cfg)
+        if misfit:
+            print(f"warning: {last}: {misfit}", file=sys.stderr)
+    return out
+
+
+def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
+    """Resuming with other optim settings or batch size silently bends the lr schedule."""
+    now = config.to_dict(cfg)
+    optim_saved, data_saved = saved.get("optim") or {}, saved.get("data") or {}  # older layouts: partial
+    changed = [f"optim.{k}: {v} -> {now['optim'].get(k)}" for k, v in dict(optim_saved).items()
+               if now["optim"].get(k) != v]
+    if data_saved.get("batch_size", cfg.data.batch_size) != cfg.data.batch_size:
+        changed.append(f"data.batch_size: {data_saved['batch_size']} -> {cfg.data.batch_size}")
+    if changed:
+        print(f"warning: resuming with a changed schedule ({'; '.join(changed)})", file=sys.stderr)
 
 
 def claim(run_dir: Path, env: dist.Env) -> "runlock.RunLock | None":

@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from bt_fast import checkpoint, config, dist, gradcomm, methods, metrics, monitor, optim, run_folder, runlock
 from bt_fast.device import autocast, data_device, place_views, set_cudnn, set_threads
-from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError, ResumeError
+from bt_fast.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, ConfigError, DataError
 from bt_fast.pipelines import FolderSource, MultiViewLoader, WebDatasetSource
 from bt_fast.pipelines.errors import SourceError
 
@@ -219,19 +219,8 @@ def setup(cfg: config.Config, inputs=()) -> Run:
     found = checkpoint.load_latest(run_dir)  # last.pt, else prev.pt with a warning
     if found is not None:
         ckpt, last = found
-        trained = ckpt.get("config", {}).get("method", {}).get("name", cfg.method.name)
-        if trained != cfg.method.name:
-            raise ResumeError(f"{last}: trained with method.name={trained!r}, this config says "
-                              f"{cfg.method.name!r}; a new train.run_dir starts a new run")
-        step, pipeline_state, entries = run_folder.resume(ckpt, last, model, optimizer, scaler, env)
+        step, pipeline_state, entries = run_folder.resume_run(ckpt, last, cfg, model, optimizer, scaler, env)
         probe_state = ckpt.get("online_probe")
-        own = dist.rank_state(ckpt, "method_state", last, env) if ckpt.get("method_state") else None
-        misfit = model.load_rank_state(own, env.device)  # SwAV's queue, per rank
-        if env.is_main:
-            print(f"resuming from {last} at step {step}", file=sys.stderr)
-            warn_schedule_changes(ckpt["config"], cfg)
-            if misfit:
-                print(f"warning: {last}: {misfit}", file=sys.stderr)
     loader = make_loader(cfg, env, pipeline_state, entries)
     steps_per_epoch = len(loader)
     total = max(1, round(cfg.optim.epochs * steps_per_epoch))
@@ -253,18 +242,6 @@ def setup(cfg: config.Config, inputs=()) -> Run:
     return Run(cfg, env, run_dir, model, ddp, optimizer, scaler, loader, step, total, last_step,
                warmup, steps_per_epoch=steps_per_epoch, comm=comm,
                monitor=monitor.Monitor(cfg, env, model, probe_state), lock=lock)
-
-
-def warn_schedule_changes(saved: dict, cfg: config.Config) -> None:
-    """Resuming with other optim settings or batch size silently bends the lr schedule."""
-    now = config.to_dict(cfg)
-    optim_saved, data_saved = saved.get("optim") or {}, saved.get("data") or {}  # older layouts: partial
-    changed = [f"optim.{k}: {v} -> {now['optim'].get(k)}" for k, v in dict(optim_saved).items()
-               if now["optim"].get(k) != v]
-    if data_saved.get("batch_size", cfg.data.batch_size) != cfg.data.batch_size:
-        changed.append(f"data.batch_size: {data_saved['batch_size']} -> {cfg.data.batch_size}")
-    if changed:
-        print(f"warning: resuming with a changed schedule ({'; '.join(changed)})", file=sys.stderr)
 
 
 def save_checkpoint(run: Run, logger) -> None:
